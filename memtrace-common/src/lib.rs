@@ -1,0 +1,250 @@
+//! The contract between memtrace's BPF programs and its userspace: map names, map value
+//! layouts, counter slots and load-time globals. Nothing else lives here.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, and has explicit padding, so both sides agree on
+//! the layout byte for byte. `aya::Pod` is implemented only with the `user` feature, so the
+//! BPF side never depends on `aya`.
+#![no_std]
+
+/// Names of the maps in the BPF object, as userspace looks them up.
+pub mod maps {
+    /// Per-thread state between an allocator's entry and its return.
+    pub const THREADS: &str = "THREADS";
+    /// Live heap blocks: [`crate::AllocKey`] → [`crate::AllocInfo`].
+    pub const ALLOCS: &str = "ALLOCS";
+    /// Live anonymous mappings made by the program itself: same layout as `ALLOCS`.
+    pub const MMAPS: &str = "MMAPS";
+    /// Running totals per (cgroup, process, stack): [`crate::UsageKey`] → [`crate::Usage`].
+    pub const USAGE: &str = "USAGE";
+    /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`].
+    pub const PROCESS_TOTALS: &str = "PROCESS_TOTALS";
+    /// User stacks, `BPF_MAP_TYPE_STACK_TRACE`.
+    pub const STACKS: &str = "STACKS";
+    /// Per-CPU event counters, indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the read-only globals userspace sets before loading.
+pub mod globals {
+    /// `u64`: each byte is sampled with probability 1/SAMPLE_BYTES; 1 = exact.
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+    /// `u64`: the target's page size (pvalloc rounds to it, mmap lengths round to it).
+    pub const PAGE_SIZE: &str = "PAGE_SIZE";
+}
+
+/// Default capacities; userspace resizes every map at load time from its flags.
+pub mod capacity {
+    pub const THREADS: u32 = 16_384;
+    pub const ALLOCS: u32 = 1 << 20;
+    pub const MMAPS: u32 = 65_536;
+    pub const USAGE: u32 = 65_536;
+    pub const PROCESS_TOTALS: u32 = 16_384;
+    pub const STACKS: u32 = 16_384;
+}
+
+/// How far back (in pages) `munmap` looks for the start of a mapping it cuts into.
+/// A cut deeper than this into one mapping is counted as [`Counter::MunmapUnresolved`].
+pub const MUNMAP_MAX_PAGES_BACK: u32 = 1024;
+/// How many adjacent tracked mappings one `munmap` call may cover.
+pub const MUNMAP_MAX_REGIONS: u32 = 8;
+
+/// `stack_id` of an allocation whose stack was not walked (sampled out or walk failed).
+pub const NO_STACK: u32 = u32::MAX;
+
+/// Allocation counts are kept in thousandths so that sampled estimates (1/p per sample)
+/// stay integers; with exact tracing every allocation weighs exactly `COUNT_SCALE`.
+pub const COUNT_SCALE: u64 = 1000;
+
+/// Slots of the `COUNTERS` per-CPU array. Numbers are part of the contract: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `ALLOCS` was full: a block went untracked (its free will look unmatched).
+    AllocsFull = 0,
+    /// `USAGE` was full: a block is in the totals but in no stack.
+    UsageFull = 1,
+    /// `bpf_get_stackid` failed (fault, or a hash collision in `STACKS`).
+    StackWalkFailed = 2,
+    /// `THREADS` was full: an allocator call went untraced.
+    ThreadsFull = 3,
+    /// `MMAPS` was full: a mapping went untracked.
+    MmapsFull = 4,
+    /// A `munmap` cut into a mapping whose start was out of reach, or spanned too many.
+    MunmapUnresolved = 5,
+    /// `PROCESS_TOTALS` was full.
+    ProcessTotalsFull = 6,
+    /// `free`/`realloc` of an address never seen allocated (not a drop: counted for users).
+    UnmatchedFree = 7,
+    /// A user-memory read failed (posix_memalign's out-pointer, the return address).
+    ReadFailed = 8,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 9;
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::AllocsFull,
+        Counter::UsageFull,
+        Counter::StackWalkFailed,
+        Counter::ThreadsFull,
+        Counter::MmapsFull,
+        Counter::MunmapUnresolved,
+        Counter::ProcessTotalsFull,
+        Counter::UnmatchedFree,
+        Counter::ReadFailed,
+    ];
+
+    /// The label userspace reports this counter under.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::AllocsFull => "allocs_map_full",
+            Counter::UsageFull => "usage_map_full",
+            Counter::StackWalkFailed => "stack_walk_failed",
+            Counter::ThreadsFull => "threads_map_full",
+            Counter::MmapsFull => "mmaps_map_full",
+            Counter::MunmapUnresolved => "munmap_unresolved",
+            Counter::ProcessTotalsFull => "process_totals_map_full",
+            Counter::UnmatchedFree => "unmatched_free",
+            Counter::ReadFailed => "user_read_failed",
+        }
+    }
+
+    /// Whether this counter means memtrace lost information (a drop), as opposed to an
+    /// event in the target worth reporting (an unmatched free).
+    pub const fn is_drop(self) -> bool {
+        !matches!(self, Counter::UnmatchedFree)
+    }
+}
+
+/// Which allocator entry point a thread is inside; selects what the return probe does.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    /// malloc, calloc, valloc, pvalloc, aligned_alloc, memalign: the result is the block.
+    Plain = 0,
+    /// realloc and reallocarray: the result replaces the block stashed at entry.
+    Realloc = 1,
+    /// posix_memalign: returns 0 on success; the block is written through `out_ptr`.
+    PosixMemalign = 2,
+    /// mmap: `MAP_FAILED` is failure; only anonymous mappings are recorded.
+    Mmap = 3,
+}
+
+/// A live block or mapping: the process and the address, never the address alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// What the usage of one stack is aggregated under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    /// cgroup v2 id of the allocating task at allocation time.
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    /// Id in `STACKS`, or [`NO_STACK`].
+    pub stack_id: u32,
+    /// The allocator's return address, read from `[rsp]` at the probe. The kernel's stack
+    /// walk starts from the caller's saved frame and misses this frame (it repairs that
+    /// only for probes on `push %rbp`/`endbr64`, where it may then appear twice).
+    pub caller: u64,
+}
+
+/// One live block (or mapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocInfo {
+    /// Requested size in bytes (exact).
+    pub size: u64,
+    /// Estimated bytes this block stands for in `USAGE`; 0 when it was not sampled.
+    pub weight_bytes: u64,
+    /// Estimated allocations this block stands for, in 1/[`COUNT_SCALE`] units.
+    pub weight_count: u64,
+    /// `bpf_ktime_get_ns` at allocation.
+    pub timestamp_ns: u64,
+    pub usage: UsageKey,
+}
+
+/// Running totals of one (cgroup, process, stack). Estimates when sampling.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Live bytes (signed: a partial free of a sampled mapping can round below zero).
+    pub outstanding_bytes: i64,
+    /// Live allocations, in 1/[`COUNT_SCALE`] units.
+    pub outstanding_count: i64,
+    pub allocated_bytes: u64,
+    /// Allocations made, in 1/[`COUNT_SCALE`] units.
+    pub allocated_count: u64,
+    pub freed_bytes: u64,
+}
+
+/// Exact totals are kept per cgroup and process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProcessKey {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Exact totals of one process, whatever the sampling rate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessTotals {
+    pub allocated_bytes: u64,
+    pub freed_bytes: u64,
+    pub outstanding_bytes: i64,
+    pub outstanding_count: i64,
+    pub allocations: u64,
+    pub unmatched_frees: u64,
+}
+
+/// Per-thread state from an allocator's entry to its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadState {
+    /// Nesting depth of allocator calls on this thread; only depth 1 is recorded.
+    pub depth: u32,
+    /// An [`AllocKind`] as `u32`.
+    pub kind: u32,
+    /// The new block as seen at entry (size, weights, stack); `timestamp_ns` unset.
+    pub pending: AllocInfo,
+    /// posix_memalign: where the block pointer will be written.
+    pub out_ptr: u64,
+    /// realloc: the old block, removed from `ALLOCS` at entry, restored if realloc fails.
+    pub old_addr: u64,
+    pub old: AllocInfo,
+    /// realloc: 1 if `old` holds a block to restore on failure.
+    pub has_old: u32,
+    /// realloc: 1 if a failure leaves the old block live (size > 0).
+    pub restore_on_failure: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with explicit padding and only integer fields.
+    unsafe impl aya::Pod for AllocKey {}
+    unsafe impl aya::Pod for UsageKey {}
+    unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for Usage {}
+    unsafe impl aya::Pod for ProcessKey {}
+    unsafe impl aya::Pod for ProcessTotals {}
+    unsafe impl aya::Pod for ThreadState {}
+}
+
+// Layouts are part of the contract: catch accidental changes (and implicit padding).
+const _: () = {
+    assert!(core::mem::size_of::<AllocKey>() == 16);
+    assert!(core::mem::size_of::<UsageKey>() == 24);
+    assert!(core::mem::size_of::<AllocInfo>() == 56);
+    assert!(core::mem::size_of::<Usage>() == 40);
+    assert!(core::mem::size_of::<ProcessKey>() == 16);
+    assert!(core::mem::size_of::<ProcessTotals>() == 48);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 56 + 8 + 8 + 56 + 8);
+};

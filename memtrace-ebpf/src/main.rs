@@ -1,0 +1,607 @@
+//! memtrace's BPF programs: uprobes and uretprobes on the allocator's entry points.
+//!
+//! Each entry probe records what the call asks for in the thread's `THREADS` slot and walks
+//! the user stack; the one shared return probe (`alloc_exit`) turns the result into a live
+//! block in `ALLOCS`/`MMAPS` and adds it to the running totals in `USAGE` (per cgroup,
+//! process and stack) and `PROCESS_TOTALS` (per cgroup and process, exact). `free` and
+//! `munmap` need no return probe: they remove the block and subtract it at entry.
+//!
+//! A thread already inside an allocator (glibc's malloc calling mmap, reallocarray calling
+//! realloc, aliases) only bumps its depth: only the outermost call is counted.
+//! Userspace reads the maps on an interval; nothing is streamed per event.
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not
+// offered, but LLVM lowers this intrinsic to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
+        bpf_ktime_get_ns, bpf_probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, StackTrace},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use memtrace_common::{
+    AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, MUNMAP_MAX_PAGES_BACK,
+    MUNMAP_MAX_REGIONS, NO_STACK, ProcessKey, ProcessTotals, ThreadState, Usage, UsageKey,
+    capacity,
+};
+
+/// Each byte is sampled with probability 1/SAMPLE_BYTES (1 = exact); set at load time.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 1;
+/// The target's page size; set at load time.
+#[unsafe(no_mangle)]
+static PAGE_SIZE: u64 = 4096;
+
+#[map]
+static THREADS: HashMap<u64, ThreadState> = HashMap::with_max_entries(capacity::THREADS, 0);
+// Not preallocated: a traced process may hold millions of blocks or a handful.
+#[map]
+static ALLOCS: HashMap<AllocKey, AllocInfo> =
+    HashMap::with_max_entries(capacity::ALLOCS, BPF_F_NO_PREALLOC);
+#[map]
+static MMAPS: HashMap<AllocKey, AllocInfo> =
+    HashMap::with_max_entries(capacity::MMAPS, BPF_F_NO_PREALLOC);
+#[map]
+static USAGE: HashMap<UsageKey, Usage> =
+    HashMap::with_max_entries(capacity::USAGE, BPF_F_NO_PREALLOC);
+#[map]
+static PROCESS_TOTALS: HashMap<ProcessKey, ProcessTotals> =
+    HashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAX_ERRNO: u64 = 4095;
+
+#[inline(always)]
+fn sample_bytes() -> u64 {
+    // SAFETY: a read-only global rewritten by the loader; volatile keeps the compiler
+    // from folding the default value in.
+    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+}
+
+#[inline(always)]
+fn page_size() -> u64 {
+    // SAFETY: as above.
+    let page = unsafe { core::ptr::read_volatile(&PAGE_SIZE) };
+    // Never zero: a division by zero would be a panic, which the verifier rejects.
+    if page == 0 { 4096 } else { page }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(field: &mut u64, delta: u64) {
+    // SAFETY: `field` points into a map value shared between CPUs; atomic add (XADD).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };
+}
+
+#[inline(always)]
+fn add_signed(field: &mut i64, delta: i64) {
+    add(unsafe { &mut *(field as *mut i64 as *mut u64) }, delta as u64);
+}
+
+/// Looks `key` up, inserting a zeroed value first if it is missing.
+#[inline(always)]
+fn get_or_init<K, V: Default>(map: &HashMap<K, V>, key: &K, full: Counter) -> Option<*mut V> {
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some(value);
+    }
+    // EEXIST means another CPU inserted it first: fine, the lookup below finds it.
+    let _ = map.insert(key, &V::default(), BPF_NOEXIST as u64);
+    let value = map.get_ptr_mut(key);
+    if value.is_none() {
+        count(full);
+    }
+    value
+}
+
+/// Decides whether an allocation of `size` bytes is sampled, and what it then stands for:
+/// (estimated bytes, estimated count in 1/COUNT_SCALE). Unsampled is (0, 0).
+/// A block of `size` < N bytes is kept with probability size/N and then stands for N
+/// bytes and N/size blocks, which keeps both estimates unbiased; larger blocks are exact.
+#[inline(always)]
+fn sample(size: u64) -> (u64, u64) {
+    let rate = sample_bytes();
+    if rate <= 1 || size >= rate {
+        return (size, COUNT_SCALE);
+    }
+    // SAFETY: helper without preconditions.
+    let draw = unsafe { bpf_get_prandom_u32() } as u64 % rate;
+    if draw < size && size > 0 {
+        (rate, COUNT_SCALE * rate / size)
+    } else {
+        (0, 0)
+    }
+}
+
+/// Common entry of every allocating function. Returns `None` when the call is nested.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<ThreadState> {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(state) = THREADS.get_ptr_mut(id) {
+        // Inside another allocator call on this thread: count it there, not here.
+        // SAFETY: only this thread touches its slot.
+        unsafe { (*state).depth += 1 };
+        return None;
+    }
+    let (weight_bytes, weight_count) = sample(size);
+    let mut usage = UsageKey {
+        // SAFETY: helpers without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (id >> 32) as u32,
+        stack_id: NO_STACK,
+        caller: 0,
+    };
+    if weight_bytes > 0 {
+        // The stack is walked only for sampled blocks: it is the dearest part of a probe.
+        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+            Ok(stack_id) => usage.stack_id = stack_id as u32,
+            Err(_) => count(Counter::StackWalkFailed),
+        }
+        // Userspace places every probe where no push has run yet, so [rsp] is the
+        // return address into the allocator's caller.
+        // SAFETY: reading user memory through the helper, which checks the address.
+        let sp = unsafe { (*ctx.regs).rsp };
+        match unsafe { bpf_probe_read_user(sp as *const u64) } {
+            Ok(ret) => usage.caller = ret,
+            Err(_) => count(Counter::ReadFailed),
+        }
+    }
+    Some(ThreadState {
+        depth: 1,
+        kind: kind as u32,
+        pending: AllocInfo { size, weight_bytes, weight_count, timestamp_ns: 0, usage },
+        ..ThreadState::default()
+    })
+}
+
+#[inline(always)]
+fn save(state: &ThreadState) {
+    if THREADS
+        .insert(bpf_get_current_pid_tgid(), state, BPF_ANY as u64)
+        .is_err()
+    {
+        count(Counter::ThreadsFull);
+    }
+}
+
+#[inline(always)]
+fn enter_plain(ctx: &ProbeContext, kind: AllocKind, size: u64) {
+    if let Some(state) = enter(ctx, kind, size) {
+        save(&state);
+    }
+}
+
+/// Adds a new live block to the totals.
+#[inline(always)]
+fn account_alloc(info: &AllocInfo) {
+    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    if let Some(totals) = get_or_init(&PROCESS_TOTALS, &key, Counter::ProcessTotalsFull) {
+        // SAFETY: a valid map value pointer; every field is updated atomically.
+        let totals = unsafe { &mut *totals };
+        add(&mut totals.allocated_bytes, info.size);
+        add(&mut totals.allocations, 1);
+        add_signed(&mut totals.outstanding_bytes, info.size as i64);
+        add_signed(&mut totals.outstanding_count, 1);
+    }
+    if info.weight_bytes == 0 {
+        return;
+    }
+    if let Some(usage) = get_or_init(&USAGE, &info.usage, Counter::UsageFull) {
+        // SAFETY: as above.
+        let usage = unsafe { &mut *usage };
+        add(&mut usage.allocated_bytes, info.weight_bytes);
+        add(&mut usage.allocated_count, info.weight_count);
+        add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
+        add_signed(&mut usage.outstanding_count, info.weight_count as i64);
+    }
+}
+
+/// Subtracts `bytes` of a live block from the totals. `pieces_left` is how many blocks
+/// remain of it: 0 for a free, 1 or 2 when munmap cuts a mapping's edge or middle.
+#[inline(always)]
+fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
+    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
+        // SAFETY: a valid map value pointer; every field is updated atomically.
+        let totals = unsafe { &mut *totals };
+        add(&mut totals.freed_bytes, bytes);
+        add_signed(&mut totals.outstanding_bytes, -(bytes as i64));
+        add_signed(&mut totals.outstanding_count, pieces_left - 1);
+    }
+    if info.weight_bytes == 0 {
+        return;
+    }
+    if let Some(usage) = USAGE.get_ptr_mut(&info.usage) {
+        let weight = scaled_weight(info, bytes);
+        // SAFETY: as above.
+        let usage = unsafe { &mut *usage };
+        add(&mut usage.freed_bytes, weight);
+        add_signed(&mut usage.outstanding_bytes, -(weight as i64));
+        add_signed(&mut usage.outstanding_count, (pieces_left - 1) * info.weight_count as i64);
+    }
+}
+
+/// A free of an address memtrace never saw allocated: counted, never ignored.
+#[inline(always)]
+fn unmatched_free(tgid: u32) {
+    count(Counter::UnmatchedFree);
+    let key = ProcessKey {
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid,
+        _pad: 0,
+    };
+    if let Some(totals) = get_or_init(&PROCESS_TOTALS, &key, Counter::ProcessTotalsFull) {
+        // SAFETY: a valid map value pointer.
+        add(unsafe { &mut (*totals).unmatched_frees }, 1);
+    }
+}
+
+/// Records a new live block at `addr`.
+#[inline(always)]
+fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full: Counter) {
+    let key = AllocKey { tgid: info.usage.tgid, _pad: 0, addr };
+    // A block already live at this address means its free was missed (a full map earlier,
+    // or an untraced path): retire it so the totals stay consistent.
+    if let Some(stale) = map.get_ptr(&key) {
+        // SAFETY: copied out before the entry is replaced.
+        let stale = unsafe { *stale };
+        account_free(&stale, stale.size, 0);
+    }
+    if map.insert(&key, info, BPF_ANY as u64).is_err() {
+        count(full);
+        return;
+    }
+    account_alloc(info);
+}
+
+/// Removes the live block at `addr` and returns it.
+#[inline(always)]
+fn take(map: &HashMap<AllocKey, AllocInfo>, tgid: u32, addr: u64) -> Option<AllocInfo> {
+    let key = AllocKey { tgid, _pad: 0, addr };
+    // SAFETY: copied out before the remove; if another thread removed it first, the
+    // remove fails and that thread accounts for it.
+    let info = unsafe { *map.get_ptr(&key)? };
+    map.remove(&key).ok()?;
+    Some(info)
+}
+
+#[inline(always)]
+fn inside_allocator(id: u64) -> bool {
+    THREADS.get_ptr(id).is_some()
+}
+
+/// `a * b` unless it overflows. `checked_mul` (and LLVM's rewrite of a division check)
+/// needs a 128-bit multiply that BPF lacks, so multiply in 32-bit halves.
+#[inline(always)]
+fn mul(a: u64, b: u64) -> Option<u64> {
+    let (small, large) = if a <= b { (a, b) } else { (b, a) };
+    if small >> 32 != 0 {
+        return None; // Both factors are at least 2^32.
+    }
+    let high = small * (large >> 32);
+    if high >> 32 != 0 {
+        return None;
+    }
+    let low = small * (large & 0xffff_ffff);
+    let product = low.wrapping_add(high << 32);
+    if product < low { None } else { Some(product) }
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter_plain(&ctx, AllocKind::Plain, size);
+    0
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let count: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // An overflowing calloc fails; record it as a zero-size call so the return is matched.
+    enter_plain(&ctx, AllocKind::Plain, mul(count, size).unwrap_or(0));
+    0
+}
+
+/// aligned_alloc(alignment, size) and memalign(alignment, size), often one function.
+#[uprobe]
+pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter_plain(&ctx, AllocKind::Plain, size);
+    0
+}
+
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter_plain(&ctx, AllocKind::Plain, size);
+    0
+}
+
+/// pvalloc rounds the request up to whole pages: that is what it allocates.
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    let page = page_size();
+    let rounded = if size == 0 { page } else { size.div_ceil(page) * page };
+    enter_plain(&ctx, AllocKind::Plain, rounded);
+    0
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    let out_ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    if let Some(mut state) = enter(&ctx, AllocKind::PosixMemalign, size) {
+        state.out_ptr = out_ptr;
+        save(&state);
+    }
+    0
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter_realloc(&ctx, ptr, Some(size));
+    0
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let count: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter_realloc(&ctx, ptr, mul(count, size));
+    0
+}
+
+/// realloc(NULL, n) is malloc(n); realloc(p, 0) frees p; otherwise the old block is taken
+/// out at entry (so another thread reusing its address cannot be confused with it) and put
+/// back if the call fails. `size` is `None` for a request that overflows (it fails).
+#[inline(always)]
+fn enter_realloc(ctx: &ProbeContext, ptr: u64, size: Option<u64>) {
+    let Some(mut state) = enter(ctx, AllocKind::Realloc, size.unwrap_or(0)) else {
+        return;
+    };
+    if ptr != 0 {
+        let tgid = state.pending.usage.tgid;
+        match take(&ALLOCS, tgid, ptr) {
+            Some(old) => {
+                account_free(&old, old.size, 0);
+                state.old_addr = ptr;
+                state.old = old;
+                state.has_old = 1;
+            }
+            None => unmatched_free(tgid),
+        }
+        state.restore_on_failure = (size != Some(0)) as u32;
+    }
+    save(&state);
+}
+
+#[uprobe]
+pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    let len: u64 = ctx.arg(1).unwrap_or(0);
+    let flags: u64 = ctx.arg(3).unwrap_or(0);
+    let page = page_size();
+    // File mappings are not heap: the entry still counts depth, so mark them zero-size.
+    let size = if flags & MAP_ANONYMOUS != 0 { len.div_ceil(page) * page } else { 0 };
+    enter_plain(&ctx, AllocKind::Mmap, size);
+    0
+}
+
+/// The return of every allocating function.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(slot) = THREADS.get_ptr_mut(id) else {
+        return 0; // The call began before the probe was attached.
+    };
+    // SAFETY: only this thread touches its slot.
+    let state = unsafe { &mut *slot };
+    if state.depth > 1 {
+        state.depth -= 1;
+        return 0;
+    }
+    let state = *state;
+    let _ = THREADS.remove(id);
+    let ret: u64 = ctx.ret();
+
+    let mut info = state.pending;
+    // SAFETY: helper without preconditions.
+    info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    match state.kind {
+        k if k == AllocKind::PosixMemalign as u32 => {
+            if ret != 0 {
+                return 0;
+            }
+            // SAFETY: reading user memory through the helper, which checks the address.
+            match unsafe { bpf_probe_read_user(state.out_ptr as *const u64) } {
+                Ok(addr) if addr != 0 => record(&ALLOCS, addr, &info, Counter::AllocsFull),
+                Ok(_) => {}
+                Err(_) => count(Counter::ReadFailed),
+            }
+        }
+        k if k == AllocKind::Mmap as u32 => {
+            if info.size > 0 && ret < u64::MAX - MAX_ERRNO {
+                record(&MMAPS, ret, &info, Counter::MmapsFull);
+            }
+        }
+        k if k == AllocKind::Realloc as u32 => {
+            if ret != 0 {
+                record(&ALLOCS, ret, &info, Counter::AllocsFull);
+            } else if state.has_old != 0 && state.restore_on_failure != 0 {
+                // Failed: the old block is still live where it was.
+                let old = state.old;
+                unfree(&old);
+                let key = AllocKey { tgid: old.usage.tgid, _pad: 0, addr: state.old_addr };
+                if ALLOCS.insert(&key, &old, BPF_ANY as u64).is_err() {
+                    count(Counter::AllocsFull);
+                }
+            }
+        }
+        _ => {
+            if ret != 0 {
+                record(&ALLOCS, ret, &info, Counter::AllocsFull);
+            }
+        }
+    }
+    0
+}
+
+/// Undoes `account_free` of a whole block (a realloc that failed).
+#[inline(always)]
+fn unfree(info: &AllocInfo) {
+    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
+        // SAFETY: a valid map value pointer; every field is updated atomically.
+        let totals = unsafe { &mut *totals };
+        add(&mut totals.freed_bytes, (info.size as i64).wrapping_neg() as u64);
+        add_signed(&mut totals.outstanding_bytes, info.size as i64);
+        add_signed(&mut totals.outstanding_count, 1);
+    }
+    if info.weight_bytes == 0 {
+        return;
+    }
+    if let Some(usage) = USAGE.get_ptr_mut(&info.usage) {
+        // SAFETY: as above.
+        let usage = unsafe { &mut *usage };
+        add(&mut usage.freed_bytes, (info.weight_bytes as i64).wrapping_neg() as u64);
+        add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
+        add_signed(&mut usage.outstanding_count, info.weight_count as i64);
+    }
+}
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let id = bpf_get_current_pid_tgid();
+    if ptr == 0 || inside_allocator(id) {
+        return 0;
+    }
+    let tgid = (id >> 32) as u32;
+    match take(&ALLOCS, tgid, ptr) {
+        Some(info) => account_free(&info, info.size, 0),
+        None => unmatched_free(tgid),
+    }
+    0
+}
+
+/// munmap may cut any page range out of any mapping. Mappings are keyed by their start,
+/// so: find the mapping the range starts in (one starting exactly there, or at most
+/// `MUNMAP_MAX_PAGES_BACK` pages before), cut the range out of it (the head stays at its
+/// start, the tail is re-inserted at the range's end), and go on into mappings that start
+/// exactly where the previous one ended. Addresses nobody tracked are not counted:
+/// programs unmap file mappings and libraries too.
+#[uprobe]
+pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    let len: u64 = ctx.arg(1).unwrap_or(0);
+    let id = bpf_get_current_pid_tgid();
+    if len == 0 || inside_allocator(id) {
+        return 0;
+    }
+    let tgid = (id >> 32) as u32;
+    let page = page_size();
+    let end = addr.saturating_add(len.div_ceil(page) * page);
+    let Some(mut found) = find_mapping_around(tgid, addr) else {
+        return 0;
+    };
+    let mut cursor = addr;
+    for _ in 0..MUNMAP_MAX_REGIONS {
+        let (start, info) = found;
+        let region_end = start + info.size;
+        let cut_end = if end < region_end { end } else { region_end };
+        let _ = MMAPS.remove(&AllocKey { tgid, _pad: 0, addr: start });
+        let head = cursor - start;
+        let tail = region_end - cut_end;
+        account_free(&info, cut_end - cursor, (head > 0) as i64 + (tail > 0) as i64);
+        if head > 0 {
+            insert_mapping(tgid, start, &piece(&info, head));
+        }
+        if tail > 0 {
+            insert_mapping(tgid, cut_end, &piece(&info, tail));
+        }
+        cursor = cut_end;
+        if cursor >= end {
+            return 0;
+        }
+        let Some(info) = MMAPS.get_ptr(&AllocKey { tgid, _pad: 0, addr: cursor }) else {
+            return 0; // The rest of the range is not ours.
+        };
+        // SAFETY: copied out of the map.
+        found = (cursor, unsafe { *info });
+    }
+    count(Counter::MunmapUnresolved);
+    0
+}
+
+/// Estimated bytes that `bytes` of a sampled block stand for (overflow-free `w·b/s`).
+#[inline(always)]
+fn scaled_weight(info: &AllocInfo, bytes: u64) -> u64 {
+    if info.size == 0 || bytes >= info.size {
+        return info.weight_bytes;
+    }
+    info.weight_bytes / info.size * bytes + info.weight_bytes % info.size * bytes / info.size
+}
+
+/// What remains of a mapping after a cut: `size` bytes carrying their share of the estimate.
+#[inline(always)]
+fn piece(info: &AllocInfo, size: u64) -> AllocInfo {
+    AllocInfo { size, weight_bytes: scaled_weight(info, size), ..*info }
+}
+
+#[inline(always)]
+fn insert_mapping(tgid: u32, start: u64, info: &AllocInfo) {
+    if MMAPS.insert(&AllocKey { tgid, _pad: 0, addr: start }, info, BPF_ANY as u64).is_err() {
+        count(Counter::MmapsFull);
+    }
+}
+
+/// The tracked mapping containing `addr`: one starting exactly there, or one starting up to
+/// `MUNMAP_MAX_PAGES_BACK` pages before it.
+#[inline(always)]
+fn find_mapping_around(tgid: u32, addr: u64) -> Option<(u64, AllocInfo)> {
+    let page = page_size();
+    for back in 0..=MUNMAP_MAX_PAGES_BACK as u64 {
+        let start = addr.checked_sub(back * page)?;
+        if let Some(info) = MMAPS.get_ptr(&AllocKey { tgid, _pad: 0, addr: start }) {
+            // SAFETY: copied out of the map.
+            let info = unsafe { *info };
+            // The nearest mapping below may end before `addr`: then nothing tracked is cut.
+            return (start + info.size > addr).then_some((start, info));
+        }
+    }
+    None
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

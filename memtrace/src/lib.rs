@@ -1,0 +1,16 @@
+//! memtrace: an eBPF memory-leak detector.
+//!
+//! `tracer` loads the BPF programs (memtrace-ebpf) and reads their maps; `process` and
+//! `elf` read what the kernel and the target's files say; `placement` decides where each
+//! probe sits; `symbolize` and `report` turn addresses into stacks users can read; `top`
+//! and `launch` make the `memtrace top` command.
+pub mod cli;
+pub mod elf;
+pub mod launch;
+pub mod placement;
+pub mod preflight;
+pub mod process;
+pub mod report;
+pub mod symbolize;
+pub mod top;
+pub mod tracer;

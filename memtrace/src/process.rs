@@ -1,0 +1,220 @@
+//! What memtrace learns about a traced process from `/proc`: whether it exists, its
+//! command line, which libc it runs, and its memory map (cached, so that addresses can
+//! still be resolved to files after the process has exited).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use procfs::{
+    FromBufRead,
+    process::{MMPermissions, MMapPath, MemoryMaps},
+};
+
+use crate::elf::ElfFile;
+
+/// One file-backed executable mapping of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Path as the process sees it (inside its own root).
+    pub path: PathBuf,
+}
+
+/// The file-backed mappings of a process, as last read from `/proc/PID/maps`.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap {
+    mappings: Vec<Mapping>,
+}
+
+impl MemoryMap {
+    /// Reads `/proc/PID/maps`.
+    pub fn read(pid: u32) -> Result<Self> {
+        let text = std::fs::read(format!("/proc/{pid}/maps"))
+            .with_context(|| format!("reading /proc/{pid}/maps"))?;
+        Self::parse(&text).with_context(|| format!("parsing /proc/{pid}/maps"))
+    }
+
+    /// Parses the text of a `maps` file, keeping executable file mappings.
+    pub fn parse(text: &[u8]) -> Result<Self> {
+        let maps = MemoryMaps::from_buf_read(text)?;
+        let mut mappings: Vec<Mapping> = maps
+            .into_iter()
+            .filter(|m| m.perms.contains(MMPermissions::EXECUTE) && m.inode != 0)
+            .filter_map(|m| match m.pathname {
+                MMapPath::Path(path) => Some(Mapping {
+                    start: m.address.0,
+                    end: m.address.1,
+                    offset: m.offset,
+                    path: strip_deleted(path),
+                }),
+                _ => None,
+            })
+            .collect();
+        mappings.sort_by_key(|m| m.start);
+        Ok(Self { mappings })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    /// The mapping containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let index = self.mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+        let mapping = &self.mappings[index];
+        (addr < mapping.end).then_some(mapping)
+    }
+
+    /// `addr` as (file, offset in that file).
+    pub fn to_file_offset(&self, addr: u64) -> Option<(&Path, u64)> {
+        let mapping = self.find(addr)?;
+        Some((&mapping.path, addr - mapping.start + mapping.offset))
+    }
+
+    /// The first mapped file whose name looks like a C library.
+    pub fn libc(&self) -> Option<&Path> {
+        self.mappings.iter().map(|m| m.path.as_path()).find(|path| is_libc(path))
+    }
+}
+
+/// The kernel marks unlinked files with a " (deleted)" suffix.
+fn strip_deleted(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(stripped) => PathBuf::from(stripped),
+        None => path,
+    }
+}
+
+/// glibc's `libc.so.6`, older `libc-2.x.so`, musl's `libc.musl-*.so.1`.
+fn is_libc(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("libc.musl")
+}
+
+/// Whether a process with this pid exists now.
+pub fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The command line of a process, space-joined (its comm name if that is unreadable).
+pub fn command_line(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let words: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    if words.is_empty() {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default()
+    } else {
+        words.join(" ")
+    }
+}
+
+/// A path inside the process's own root (its container's filesystem), seen from here.
+pub fn in_root(pid: u32, path: &Path) -> PathBuf {
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    PathBuf::from(format!("/proc/{pid}/root")).join(relative)
+}
+
+/// The libc this program itself runs on.
+pub fn own_libc() -> Result<PathBuf> {
+    let maps = MemoryMap::read(std::process::id())?;
+    maps.libc().map(Path::to_owned).context("memtrace's own process maps no libc")
+}
+
+/// The libc a dynamically linked program will load, as its own dynamic loader resolves
+/// it (`ld.so --list`, what ldd does); memtrace's own libc if the loader cannot tell.
+pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
+    let Some(interpreter) = program.interpreter() else {
+        bail!(
+            "{} is statically linked: memtrace traces the allocator of a shared libc, \
+             and a static program has its own copy",
+            program.path().display()
+        );
+    };
+    let listed = Command::new(interpreter).arg("--list").arg(program.path()).output();
+    if let Ok(output) = listed
+        && output.status.success()
+    {
+        let text = String::from_utf8_lossy(&output.stdout);
+        for line in text.lines() {
+            // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)"
+            if let Some((_, resolved)) = line.split_once("=> ") {
+                let path = Path::new(resolved.split(" (").next().unwrap_or("").trim());
+                if is_libc(path) && path.is_absolute() {
+                    return Ok(path.to_owned());
+                }
+            }
+        }
+        bail!("{} does not link a C library (its loader lists none)", program.path().display());
+    }
+    log::debug!("{} --list failed; assuming memtrace's own libc", interpreter.display());
+    own_libc()
+}
+
+/// Finds `program` on `PATH` like a shell would, when it has no slash.
+pub fn find_program(program: &str) -> Result<PathBuf> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return if path.is_file() { Ok(path) } else { bail!("{program}: no such file") };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{program}: command not found on PATH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/leaky
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234 /usr/bin/leaky
+7f1c2a028000-7f1c2a1bd000 r-xp 00028000 fe:01 5678 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1c2a400000-7f1c2a401000 rw-p 00000000 00:00 0 [heap]
+7f1c2a500000-7f1c2a501000 r-xp 00000000 fe:01 91 /tmp/my lib.so (deleted)
+";
+
+    #[test]
+    fn parses_executable_file_mappings_only() {
+        let map = MemoryMap::parse(MAPS.as_bytes()).unwrap();
+        assert_eq!(map.mappings.len(), 3);
+        assert_eq!(map.libc(), Some(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")));
+        let (path, offset) = map.to_file_offset(0x55d0c0a01010).unwrap();
+        assert_eq!((path, offset), (Path::new("/usr/bin/leaky"), 0x1010));
+        assert_eq!(map.find(0x7f1c2a500000).unwrap().path, Path::new("/tmp/my lib.so"));
+        assert!(map.find(0x7f1c2a400010).is_none(), "anonymous memory has no file");
+        assert!(map.find(0x1000).is_none());
+    }
+
+    #[test]
+    fn malformed_maps_are_an_error() {
+        assert!(MemoryMap::parse(b"zzzz-1000 r-xp nothex fe:01 1 /x\n").is_err());
+    }
+
+    #[test]
+    fn recognises_libc_names() {
+        assert!(is_libc(Path::new("/lib/libc.musl-x86_64.so.1")));
+        assert!(is_libc(Path::new("/lib64/libc-2.17.so")));
+        assert!(!is_libc(Path::new("/usr/lib/libcrypt.so.1")));
+    }
+
+    #[test]
+    fn own_process_exists_and_has_a_command() {
+        let pid = std::process::id();
+        assert!(exists(pid));
+        assert!(!command_line(pid).is_empty());
+        assert!(own_libc().unwrap().is_file());
+    }
+}

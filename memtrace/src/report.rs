@@ -1,0 +1,333 @@
+//! Turns a [`Snapshot`] into what users read: stacks with symbolized frames, sorted by
+//! outstanding bytes, as JSON or as a table.
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use memtrace_common::{COUNT_SCALE, Counter, UsageKey};
+use serde::Serialize;
+
+use crate::{
+    process::{self, MemoryMap},
+    symbolize::Symbolizer,
+    tracer::{Snapshot, StackUsage},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: Target,
+    pub duration_secs: f64,
+    pub sample_bytes: u64,
+    pub totals: Totals,
+    pub stacks: Vec<StackReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub pid: u32,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub allocated_bytes: u64,
+    pub freed_bytes: u64,
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub dropped_events: u64,
+    pub unmatched_frees: u64,
+    /// Each drop counter by reason (only those that are not zero).
+    pub drops: HashMap<&'static str, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StackReport {
+    /// Stable across runs for the same binaries: a hash of (file, offset) of each frame.
+    pub stack_id: String,
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    pub allocated_bytes: u64,
+    pub frames: Vec<Frame>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Frame {
+    pub function: Option<String>,
+    pub module: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The return address in the process.
+    pub address: String,
+    /// The same address as an offset into `module`.
+    pub offset: Option<String>,
+}
+
+impl Frame {
+    /// `function (file:line)`, or `module+0xoffset` when there is no name.
+    pub fn site(&self) -> String {
+        match (&self.function, &self.file, self.line) {
+            (Some(function), Some(file), Some(line)) => {
+                let file = Path::new(file).file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+                format!("{function} ({file}:{line})")
+            }
+            (Some(function), _, _) => function.clone(),
+            _ => format!("{}+{}", self.module, self.offset.as_deref().unwrap_or(&self.address)),
+        }
+    }
+}
+
+/// The frames of a stack as return addresses, innermost first, starting at the
+/// allocator's caller: the caller read at the probe, then the kernel's walk without its
+/// first entry (the probed instruction itself). Kernels that repair entry-point walks
+/// (6.11+, probe on `push %rbp`/`endbr64`) already put the caller second: skip it then.
+pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
+    let mut frames = Vec::with_capacity(stack.kernel_frames.len() + 1);
+    if stack.key.caller != 0 {
+        frames.push(stack.key.caller);
+    }
+    let mut rest = stack.kernel_frames.iter().skip(1).copied().peekable();
+    if rest.peek() == Some(&stack.key.caller) {
+        rest.next();
+    }
+    frames.extend(rest.take_while(|ip| *ip != 0));
+    frames
+}
+
+/// Normalizes and symbolizes addresses of one process while it is alive, keeping its
+/// memory map so that a report written after exit still resolves.
+pub struct Resolver {
+    pid: u32,
+    map: MemoryMap,
+    symbolizer: Symbolizer,
+}
+
+impl Resolver {
+    pub fn new(pid: u32) -> Self {
+        Self { pid, map: MemoryMap::default(), symbolizer: Symbolizer::new() }
+    }
+
+    /// Resolves every address of `snapshot` that is not resolved yet. Re-reads the
+    /// process's memory map when an address falls outside it (a library loaded late).
+    pub fn learn(&mut self, snapshot: &Snapshot) {
+        let addresses: Vec<u64> = snapshot.stacks.iter().flat_map(return_addresses).collect();
+        if (self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()))
+            && let Ok(map) = MemoryMap::read(self.pid)
+            && !map.is_empty()
+        {
+            self.map = map;
+        }
+        let mut by_file: HashMap<PathBuf, Vec<u64>> = HashMap::new();
+        for address in addresses {
+            if let Some((path, offset)) = self.map.to_file_offset(address.saturating_sub(1)) {
+                by_file.entry(path.to_owned()).or_default().push(offset);
+            }
+        }
+        let alive = process::exists(self.pid);
+        for (path, offsets) in by_file {
+            let readable = if alive { process::in_root(self.pid, &path) } else { path.clone() };
+            self.symbolizer.resolve(&path, &readable, &offsets);
+        }
+    }
+
+    fn frame(&self, address: u64) -> Frame {
+        // Return addresses point after the call: symbolize the call instruction.
+        let located = self.map.to_file_offset(address.saturating_sub(1));
+        let symbol = located.and_then(|(path, offset)| self.symbolizer.get(path, offset));
+        Frame {
+            function: symbol.and_then(|s| s.function.clone()),
+            module: located.map(|(p, _)| p.display().to_string()).unwrap_or_else(|| "[unknown]".into()),
+            file: symbol.and_then(|s| s.file.clone()),
+            line: symbol.and_then(|s| s.line),
+            address: format!("{address:#x}"),
+            offset: self.map.to_file_offset(address).map(|(_, offset)| format!("{offset:#x}")),
+        }
+    }
+
+    fn stack_id(&self, addresses: &[u64]) -> String {
+        // FNV-1a over (file, offset) of each frame: the same code gives the same id.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for byte in bytes {
+                hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for address in addresses {
+            match self.map.to_file_offset(*address) {
+                Some((path, offset)) => {
+                    mix(path.as_os_str().as_encoded_bytes());
+                    mix(&offset.to_le_bytes());
+                }
+                None => mix(&address.to_le_bytes()),
+            }
+        }
+        format!("{hash:016x}")
+    }
+
+    /// Builds the report of `snapshot` (already passed through [`Resolver::learn`]).
+    pub fn report(&self, snapshot: &Snapshot, target: Target, duration_secs: f64, sample_bytes: u64) -> Report {
+        // One process may have allocated from several cgroups: merge per stack.
+        let mut merged: HashMap<(u32, u64), (UsageKey, memtrace_common::Usage, &StackUsage)> = HashMap::new();
+        for stack in &snapshot.stacks {
+            let entry = merged
+                .entry((stack.key.stack_id, stack.key.caller))
+                .or_insert((stack.key, Default::default(), stack));
+            entry.1.outstanding_bytes += stack.usage.outstanding_bytes;
+            entry.1.outstanding_count += stack.usage.outstanding_count;
+            entry.1.allocated_bytes += stack.usage.allocated_bytes;
+            entry.1.allocated_count += stack.usage.allocated_count;
+            entry.1.freed_bytes += stack.usage.freed_bytes;
+        }
+        let mut stacks: Vec<StackReport> = merged
+            .into_values()
+            .map(|(_, usage, stack)| {
+                let addresses = return_addresses(stack);
+                StackReport {
+                    stack_id: self.stack_id(&addresses),
+                    outstanding_bytes: usage.outstanding_bytes.max(0) as u64,
+                    outstanding_allocations: scaled_count(usage.outstanding_count),
+                    allocated_bytes: usage.allocated_bytes,
+                    frames: addresses.iter().map(|a| self.frame(*a)).collect(),
+                }
+            })
+            .collect();
+        stacks.sort_by(|a, b| {
+            (b.outstanding_bytes, b.allocated_bytes, &a.stack_id).cmp(&(a.outstanding_bytes, a.allocated_bytes, &b.stack_id))
+        });
+
+        let mut totals = Totals::default();
+        let mut outstanding: i64 = 0;
+        let mut count: i64 = 0;
+        for (_, t) in &snapshot.totals {
+            totals.allocated_bytes += t.allocated_bytes;
+            totals.freed_bytes += t.freed_bytes;
+            totals.unmatched_frees += t.unmatched_frees;
+            outstanding += t.outstanding_bytes;
+            count += t.outstanding_count;
+        }
+        totals.outstanding_bytes = outstanding.max(0) as u64;
+        totals.outstanding_allocations = count.max(0) as u64;
+        for counter in Counter::ALL.into_iter().filter(|c| c.is_drop()) {
+            let value = snapshot.counters[counter as usize];
+            totals.dropped_events += value;
+            if value > 0 {
+                totals.drops.insert(counter.name(), value);
+            }
+        }
+        Report { target, duration_secs, sample_bytes, totals, stacks }
+    }
+}
+
+/// Counts are kept in 1/COUNT_SCALE units (sampled estimates); round to whole blocks.
+fn scaled_count(count: i64) -> u64 {
+    (count.max(0) as u64 + COUNT_SCALE / 2) / COUNT_SCALE
+}
+
+/// `1.5 MiB`-style sizes for the table.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// The table view: a header line, then the top `limit` stacks with up to `depth` frames.
+pub fn table(report: &Report, limit: usize, depth: usize) -> String {
+    let mut out = String::new();
+    let t = &report.totals;
+    let _ = writeln!(
+        out,
+        "memtrace: pid {} ({}) {:.1}s  outstanding {} in {} allocations  allocated {}  freed {}  \
+         unmatched frees {}  dropped {}",
+        report.target.pid,
+        report.target.command,
+        report.duration_secs,
+        human_bytes(t.outstanding_bytes),
+        t.outstanding_allocations,
+        human_bytes(t.allocated_bytes),
+        human_bytes(t.freed_bytes),
+        t.unmatched_frees,
+        t.dropped_events,
+    );
+    if report.sample_bytes > 1 {
+        let _ = writeln!(out, "(sampled: 1 byte in {}; per-stack numbers are estimates)", report.sample_bytes);
+    }
+    let _ = writeln!(out, "{:>12} {:>9} {:>12}  STACK", "OUTSTANDING", "ALLOCS", "ALLOCATED");
+    for stack in report.stacks.iter().take(limit) {
+        let mut frames = stack.frames.iter();
+        let first = frames.next().map(Frame::site).unwrap_or_else(|| "[no stack]".into());
+        let _ = writeln!(
+            out,
+            "{:>12} {:>9} {:>12}  {first}",
+            human_bytes(stack.outstanding_bytes),
+            stack.outstanding_allocations,
+            human_bytes(stack.allocated_bytes),
+        );
+        for frame in frames.take(depth.saturating_sub(1)) {
+            let _ = writeln!(out, "{:>36}  ← {}", "", frame.site());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(caller: u64, kernel_frames: Vec<u64>) -> StackUsage {
+        StackUsage {
+            key: UsageKey { cgroup_id: 1, tgid: 1, stack_id: 7, caller },
+            usage: Default::default(),
+            kernel_frames,
+        }
+    }
+
+    #[test]
+    fn caller_comes_first_and_the_probed_frame_is_dropped() {
+        assert_eq!(return_addresses(&stack(0x10, vec![0xaaa, 0x20, 0x30, 0])), vec![0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn a_kernel_repaired_walk_does_not_repeat_the_caller() {
+        assert_eq!(return_addresses(&stack(0x10, vec![0xaaa, 0x10, 0x20])), vec![0x10, 0x20]);
+    }
+
+    #[test]
+    fn no_walk_leaves_the_caller_alone() {
+        assert_eq!(return_addresses(&stack(0x10, vec![])), vec![0x10]);
+        assert_eq!(return_addresses(&stack(0, vec![])), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn sampled_counts_round_to_whole_blocks() {
+        assert_eq!(scaled_count(2_600), 3);
+        assert_eq!(scaled_count(-5), 0);
+    }
+
+    #[test]
+    fn sites_fall_back_to_module_and_address() {
+        let frame = Frame {
+            function: None,
+            module: "/lib/x.so".into(),
+            file: None,
+            line: None,
+            address: "0x7f0000001234".into(),
+            offset: Some("0x1234".into()),
+        };
+        assert_eq!(frame.site(), "/lib/x.so+0x1234");
+        let named = Frame { function: Some("leak".into()), file: Some("/src/a.c".into()), line: Some(3), ..frame };
+        assert_eq!(named.site(), "leak (a.c:3)");
+    }
+}

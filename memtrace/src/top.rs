@@ -1,0 +1,225 @@
+//! `memtrace top`: trace one process (running, or started by memtrace) and show the call
+//! stacks that hold its unfreed memory.
+use std::{
+    collections::HashSet,
+    io::{IsTerminal, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::RecvTimeoutError,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    cli::{Format, TopArgs},
+    elf::ElfFile,
+    launch::{self, ChildEvent, TracedChild},
+    preflight,
+    process::{self, MemoryMap},
+    report::{self, Resolver, Target},
+    tracer::{Tracer, TracerOptions},
+};
+
+/// How often the loop wakes to check for exit, the deadline and Ctrl-C.
+const TICK: Duration = Duration::from_millis(100);
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// The process being traced, and how we learn that it ends.
+enum Traced {
+    Running { pid: u32 },
+    Child(TracedChild),
+}
+
+impl Traced {
+    fn pid(&self) -> u32 {
+        match self {
+            Traced::Running { pid } => *pid,
+            Traced::Child(child) => child.pid,
+        }
+    }
+}
+
+pub fn run(args: TopArgs) -> Result<ExitCode> {
+    preflight::check(Path::new("/sys"))?;
+    let options = TracerOptions {
+        sample_bytes: args.sample_bytes,
+        max_allocations: args.max_allocations,
+        max_stacks: args.max_stacks,
+    };
+
+    // Everything that can be checked about the target is checked before loading BPF.
+    let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
+        (Some(pid), None) => (Traced::Running { pid: *pid }, libc_of_running(*pid)?, process::command_line(*pid)),
+        (None, Some((program, rest))) => {
+            let program = process::find_program(program)?;
+            launch::check_runnable(&program)?;
+            let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
+            // Not from /proc: the child has not exec'd yet.
+            let command = args.command.join(" ");
+            (Traced::Child(TracedChild::spawn(&program, rest)?), libc, command)
+        }
+        _ => bail!("give either --pid PID or a command after `--`"),
+    };
+    let pid = traced.pid();
+
+    let mut tracer = Tracer::load(&options)?;
+    let readable_libc = process::in_root(pid, &libc);
+    let attached = tracer.attach_libc(pid, if readable_libc.exists() { &readable_libc } else { &libc });
+    let summary = match attached {
+        Ok(summary) => summary,
+        Err(e) if !process::exists(pid) => {
+            // It left while we attached: say so, and show whatever was counted.
+            let mut resolver = Resolver::new(pid);
+            let tgids = HashSet::from([pid]);
+            let snapshot = tracer.snapshot(&tgids)?;
+            resolver.learn(&snapshot);
+            let report = resolver.report(&snapshot, Target { pid, command }, 0.0, options.sample_bytes);
+            print_final(&args, &report)?;
+            return Err(e.context(format!("process {pid} exited while memtrace was attaching")));
+        }
+        Err(e) => return Err(e),
+    };
+    let cheap = summary.probes.iter().filter(|p| p.emulated).count();
+    eprintln!(
+        "memtrace: attached {} probes to {} in pid {pid} ({cheap} on emulated instructions)",
+        summary.probes.len(),
+        libc.display(),
+    );
+    if !summary.missing.is_empty() {
+        log::info!("{} lacks {}: not traced", libc.display(), summary.missing.join(", "));
+    }
+
+    install_interrupt_handler();
+    if let Traced::Child(child) = &traced {
+        child.resume();
+    }
+    trace(&args, &mut tracer, traced, command, options.sample_bytes)
+}
+
+/// The libc a running process has mapped, or a clear reason why there is none.
+fn libc_of_running(pid: u32) -> Result<PathBuf> {
+    if pid == 0 || !process::exists(pid) {
+        bail!("no such process: PID {pid}");
+    }
+    let maps = MemoryMap::read(pid)?;
+    if let Some(libc) = maps.libc() {
+        return Ok(libc.to_owned());
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let is_static = ElfFile::open(&process::in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
+    if is_static {
+        bail!("PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator", exe.display());
+    }
+    bail!("PID {pid} ({}) has no C library mapped: nothing for memtrace to trace", exe.display())
+}
+
+fn install_interrupt_handler() {
+    let handler = nix::sys::signal::SigHandler::Handler(on_interrupt);
+    let action = nix::sys::signal::SigAction::new(
+        handler,
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
+    }
+}
+
+/// Reads the maps every interval until the target exits, the duration passes or the user
+/// interrupts; prints the live table as it goes and the final report at the end.
+fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, sample_bytes: u64) -> Result<ExitCode> {
+    let pid = traced.pid();
+    let tgids = HashSet::from([pid]);
+    let mut resolver = Resolver::new(pid);
+    let started = Instant::now();
+    let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
+    let interval = Duration::from_secs_f64(args.interval.max(0.1));
+    let live = args.format == Format::Table && std::io::stdout().is_terminal();
+    let mut next_refresh = started + interval;
+    let mut exit_note = None;
+
+    loop {
+        if INTERRUPTED.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        match &traced {
+            Traced::Child(child) => match child.events.recv_timeout(TICK) {
+                Ok(ChildEvent::Exiting) => {
+                    // Its address space is still there: resolve everything now.
+                    resolver.learn(&tracer.snapshot(&tgids)?);
+                    child.resume();
+                }
+                Ok(ChildEvent::Exited(code)) => {
+                    exit_note = Some(format!("{command} exited ({})", launch::describe_exit(code)));
+                    break;
+                }
+                Ok(ChildEvent::Failed(e)) => bail!("tracing the command failed: {e}"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            Traced::Running { .. } => {
+                if !process::exists(pid) {
+                    exit_note = Some(format!("pid {pid} exited"));
+                    break;
+                }
+                std::thread::sleep(TICK);
+            }
+        }
+        if Instant::now() >= next_refresh {
+            next_refresh += interval;
+            let snapshot = tracer.snapshot(&tgids)?;
+            resolver.learn(&snapshot);
+            if args.format == Format::Table {
+                let target = Target { pid, command: command.clone() };
+                let report = resolver.report(&snapshot, target, started.elapsed().as_secs_f64(), sample_bytes);
+                let mut out = std::io::stdout().lock();
+                if live {
+                    write!(out, "\x1b[H\x1b[2J")?;
+                }
+                writeln!(out, "{}", report::table(&report, args.top.unwrap_or(10), 4))?;
+            }
+        }
+    }
+
+    let snapshot = tracer.snapshot(&tgids)?;
+    resolver.learn(&snapshot);
+    let report = resolver.report(&snapshot, Target { pid, command }, started.elapsed().as_secs_f64(), sample_bytes);
+    if let Some(note) = exit_note {
+        eprintln!("memtrace: {note}");
+    }
+    if report.totals.dropped_events > 0 {
+        eprintln!(
+            "memtrace: {} events dropped ({:?}): numbers are incomplete; raise --max-allocations or --max-stacks",
+            report.totals.dropped_events, report.totals.drops
+        );
+    }
+    print_final(args, &report)?;
+    drop(traced);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_final(args: &TopArgs, report: &report::Report) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            let mut report = report.clone();
+            if let Some(top) = args.top {
+                report.stacks.truncate(top);
+            }
+            serde_json::to_writer_pretty(&mut out, &report).context("writing JSON")?;
+            writeln!(out)?;
+        }
+        Format::Table => writeln!(out, "{}", report::table(report, args.top.unwrap_or(10), 8))?,
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Loads memtrace's BPF object, attaches its probes to a process's allocator, and reads the
+//! running totals back. The only module that talks to aya.
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
+};
+use memtrace_common::{
+    Counter, NO_STACK, ProcessKey, ProcessTotals, Usage, UsageKey, capacity, globals, maps,
+};
+
+use crate::{elf::ElfFile, placement};
+
+/// The BPF object built by `build.rs` (see `cargo xtask build-ebpf`).
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace.bpf.o"));
+
+/// One allocator function and the programs that trace it.
+struct ProbeSpec {
+    symbol: &'static str,
+    entry: &'static str,
+    /// Whether `alloc_exit` must see its return.
+    returns: bool,
+    /// Tracing without it would give wrong numbers (a missing free leaks everything).
+    required: bool,
+}
+
+const fn probe(symbol: &'static str, entry: &'static str, returns: bool, required: bool) -> ProbeSpec {
+    ProbeSpec { symbol, entry, returns, required }
+}
+
+/// libc's allocator, in the order probes are attached (aliases keep the first name).
+const LIBC_PROBES: &[ProbeSpec] = &[
+    probe("malloc", "malloc_enter", true, true),
+    probe("calloc", "calloc_enter", true, true),
+    probe("realloc", "realloc_enter", true, true),
+    probe("free", "free_enter", false, true),
+    probe("reallocarray", "reallocarray_enter", true, false),
+    probe("posix_memalign", "posix_memalign_enter", true, false),
+    probe("aligned_alloc", "aligned_alloc_enter", true, false),
+    probe("memalign", "aligned_alloc_enter", true, false),
+    probe("valloc", "valloc_enter", true, false),
+    probe("pvalloc", "pvalloc_enter", true, false),
+    probe("mmap", "mmap_enter", true, false),
+    probe("munmap", "munmap_enter", false, false),
+];
+const EXIT_PROGRAM: &str = "alloc_exit";
+
+/// Sizes and sampling, fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// 1 = exact; N = each byte sampled with probability 1/N.
+    pub sample_bytes: u64,
+    /// Capacity of the live-block map.
+    pub max_allocations: u32,
+    /// Capacity of the stack map (distinct stacks).
+    pub max_stacks: u32,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self { sample_bytes: 1, max_allocations: capacity::ALLOCS, max_stacks: capacity::STACKS }
+    }
+}
+
+/// Where one allocator function got its probe.
+#[derive(Clone, Debug)]
+pub struct AttachedProbe {
+    pub symbol: &'static str,
+    pub offset: u64,
+    pub emulated: bool,
+}
+
+/// The outcome of attaching to one libc.
+#[derive(Clone, Debug, Default)]
+pub struct AttachSummary {
+    pub probes: Vec<AttachedProbe>,
+    /// Symbols this libc does not have (optional ones only; a missing required one fails).
+    pub missing: Vec<&'static str>,
+    /// Symbols at the same address as one already probed.
+    pub aliases: Vec<&'static str>,
+}
+
+/// Usage of one stack, as read from the maps.
+#[derive(Clone, Debug)]
+pub struct StackUsage {
+    pub key: UsageKey,
+    pub usage: Usage,
+    /// Return addresses from the kernel's walk, innermost first (the allocator's own frame
+    /// first); empty when the stack was not walked.
+    pub kernel_frames: Vec<u64>,
+}
+
+/// Everything memtrace knows at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub stacks: Vec<StackUsage>,
+    pub totals: Vec<(ProcessKey, ProcessTotals)>,
+    /// Summed over CPUs, indexed by [`Counter`].
+    pub counters: [u64; Counter::COUNT as usize],
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+    /// Stack ids are never reused (memtrace does not delete from `STACKS`).
+    stack_cache: HashMap<u32, Vec<u64>>,
+    loaded: HashSet<&'static str>,
+}
+
+impl Tracer {
+    /// Loads the BPF object with `options`. Fails with a message naming the missing
+    /// privilege when the kernel refuses.
+    pub fn load(options: &TracerOptions) -> Result<Self> {
+        if BPF_OBJECT.is_empty() {
+            bail!("this memtrace was built without its BPF object (MEMTRACE_SKIP_EBPF=1)");
+        }
+        raise_memlock_limit();
+        let page_size = page_size();
+        let ebpf = EbpfLoader::new()
+            .override_global(globals::SAMPLE_BYTES, &options.sample_bytes.max(1), true)
+            .override_global(globals::PAGE_SIZE, &page_size, true)
+            .map_max_entries(maps::ALLOCS, options.max_allocations)
+            .map_max_entries(maps::STACKS, options.max_stacks)
+            .load(BPF_OBJECT)
+            .map_err(|e| explain_load_error(e.into()))?;
+        Ok(Self { ebpf, stack_cache: HashMap::new(), loaded: HashSet::new() })
+    }
+
+    /// Attaches the allocator probes to `libc` (a path readable from here), firing only
+    /// in process `pid` (all its threads).
+    pub fn attach_libc(&mut self, pid: u32, libc: &Path) -> Result<AttachSummary> {
+        let elf = ElfFile::open(libc)?;
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        let mut summary = AttachSummary::default();
+        let mut probed_offsets = HashSet::new();
+        for spec in LIBC_PROBES {
+            let Some(function) = elf.function(spec.symbol) else {
+                if spec.required {
+                    bail!("{} has no `{}`: not a C library memtrace knows", libc.display(), spec.symbol);
+                }
+                summary.missing.push(spec.symbol);
+                continue;
+            };
+            if !probed_offsets.insert(function.file_offset) {
+                summary.aliases.push(spec.symbol);
+                continue;
+            }
+            let placed = placement::place(elf.code(function, 64));
+            if !placed.emulated {
+                log::debug!(
+                    "{}: no emulated instruction in its prologue, probing offset 0 (slower)",
+                    spec.symbol
+                );
+            }
+            let offset = function.file_offset + placed.offset;
+            self.attach_program(spec.entry, offset, libc, scope)
+                .with_context(|| format!("attaching {} to {}", spec.entry, spec.symbol))?;
+            if spec.returns {
+                // Same spot as the entry probe: one breakpoint serves both.
+                self.attach_program(EXIT_PROGRAM, offset, libc, scope)
+                    .with_context(|| format!("attaching {EXIT_PROGRAM} to {}", spec.symbol))?;
+            }
+            summary.probes.push(AttachedProbe {
+                symbol: spec.symbol,
+                offset: placed.offset,
+                emulated: placed.emulated,
+            });
+        }
+        Ok(summary)
+    }
+
+    fn attach_program(&mut self, name: &'static str, offset: u64, target: &Path, scope: UProbeScope) -> Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no program {name}"))?
+            .try_into()?;
+        if self.loaded.insert(name) {
+            program.load().map_err(|e| explain_load_error(e.into()))?;
+        }
+        program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
+        Ok(())
+    }
+
+    /// Reads every map into a [`Snapshot`], keeping only processes in `tgids`.
+    pub fn snapshot(&mut self, tgids: &HashSet<u32>) -> Result<Snapshot> {
+        let mut snapshot = Snapshot::default();
+        let usage: BpfHashMap<&MapData, UsageKey, Usage> = BpfHashMap::try_from(self.map(maps::USAGE)?)?;
+        let mut entries = Vec::new();
+        for item in usage.iter() {
+            let (key, value) = item.context("reading USAGE")?;
+            if tgids.contains(&key.tgid) {
+                entries.push((key, value));
+            }
+        }
+        let stacks: StackTraceMap<&MapData> =
+            StackTraceMap::try_from(self.ebpf.map(maps::STACKS).context("no STACKS map")?)?;
+        for (key, value) in entries {
+            let kernel_frames = if key.stack_id == NO_STACK {
+                Vec::new()
+            } else if let Some(frames) = self.stack_cache.get(&key.stack_id) {
+                frames.clone()
+            } else {
+                let frames: Vec<u64> = match stacks.get(&key.stack_id, 0) {
+                    Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
+                    Err(e) => {
+                        log::debug!("stack {} unreadable: {e}", key.stack_id);
+                        Vec::new()
+                    }
+                };
+                self.stack_cache.insert(key.stack_id, frames.clone());
+                frames
+            };
+            snapshot.stacks.push(StackUsage { key, usage: value, kernel_frames });
+        }
+
+        let totals: BpfHashMap<&MapData, ProcessKey, ProcessTotals> =
+            BpfHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
+        for item in totals.iter() {
+            let (key, value) = item.context("reading PROCESS_TOTALS")?;
+            if tgids.contains(&key.tgid) {
+                snapshot.totals.push((key, value));
+            }
+        }
+
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
+        for counter in Counter::ALL {
+            let per_cpu = counters.get(&(counter as u32), 0)?;
+            snapshot.counters[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(snapshot)
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).with_context(|| format!("the BPF object has no map {name}"))
+    }
+}
+
+/// Turns a permission failure into the one line a user needs.
+fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") || text.contains("os error 1)") {
+        return error.context(
+            "the kernel refused to load BPF programs: memtrace needs root, or CAP_BPF, \
+             CAP_PERFMON and CAP_SYS_RESOURCE",
+        );
+    }
+    error
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
