@@ -596,6 +596,17 @@ fn find_mapping_around(tgid: u32, addr: u64) -> Option<(u64, AllocInfo)> {
     None
 }
 
+/// The cost floor for benchmarks: a probe that does nothing, at the same spots.
+#[uprobe]
+pub fn noop_enter(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn noop_exit(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

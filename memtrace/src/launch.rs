@@ -21,7 +21,7 @@ use nix::{
         signal::{Signal, raise},
         wait::{WaitStatus, waitpid},
     },
-    unistd::{ForkResult, Pid, execv, fork},
+    unistd::{ForkResult, Pid, fork},
 };
 
 /// What happens to the child, as seen by its owner thread.
@@ -85,12 +85,17 @@ fn own_child(
     events: Sender<ChildEvent>,
     resume: Receiver<()>,
 ) {
+    // Built before fork: the child must not allocate, or its first traced malloc would be
+    // memtrace's own (and malloc after fork in a threaded program is not safe anyway).
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
     // SAFETY: the child only calls async-signal-safe functions before exec.
     let child = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             let _ = ptrace::traceme();
             let _ = raise(Signal::SIGSTOP);
-            let _ = execv(&path, &argv);
+            // SAFETY: NUL-terminated strings and a NULL-terminated array, alive until exec.
+            unsafe { libc::execv(path.as_ptr(), argv_ptrs.as_ptr()) };
             // SAFETY: exec failed; leave without running the parent's atexit handlers.
             unsafe { libc::_exit(127) }
         }

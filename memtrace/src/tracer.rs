@@ -55,6 +55,14 @@ const LIBC_PROBES: &[ProbeSpec] = &[
 ];
 const EXIT_PROGRAM: &str = "alloc_exit";
 
+/// What to attach: memtrace's programs, or empty ones at the same spots (the cost floor
+/// benchmarks compare against).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programs {
+    Memtrace,
+    Noop,
+}
+
 /// Sizes and sampling, fixed when the object is loaded.
 #[derive(Clone, Debug)]
 pub struct TracerOptions {
@@ -138,6 +146,11 @@ impl Tracer {
     /// Attaches the allocator probes to `libc` (a path readable from here), firing only
     /// in process `pid` (all its threads).
     pub fn attach_libc(&mut self, pid: u32, libc: &Path) -> Result<AttachSummary> {
+        self.attach_libc_programs(pid, libc, Programs::Memtrace)
+    }
+
+    /// [`Tracer::attach_libc`], choosing which programs run at each spot.
+    pub fn attach_libc_programs(&mut self, pid: u32, libc: &Path, programs: Programs) -> Result<AttachSummary> {
         let elf = ElfFile::open(libc)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
         let mut summary = AttachSummary::default();
@@ -162,12 +175,16 @@ impl Tracer {
                 );
             }
             let offset = function.file_offset + placed.offset;
-            self.attach_program(spec.entry, offset, libc, scope)
-                .with_context(|| format!("attaching {} to {}", spec.entry, spec.symbol))?;
+            let (entry, exit) = match programs {
+                Programs::Memtrace => (spec.entry, EXIT_PROGRAM),
+                Programs::Noop => ("noop_enter", "noop_exit"),
+            };
+            self.attach_program(entry, offset, libc, scope)
+                .with_context(|| format!("attaching {entry} to {}", spec.symbol))?;
             if spec.returns {
                 // Same spot as the entry probe: one breakpoint serves both.
-                self.attach_program(EXIT_PROGRAM, offset, libc, scope)
-                    .with_context(|| format!("attaching {EXIT_PROGRAM} to {}", spec.symbol))?;
+                self.attach_program(exit, offset, libc, scope)
+                    .with_context(|| format!("attaching {exit} to {}", spec.symbol))?;
             }
             summary.probes.push(AttachedProbe {
                 symbol: spec.symbol,

@@ -1,0 +1,20 @@
+//! End-to-end tests: run the real `memtrace` binary on small leaky C programs
+//! (`fixtures/*.c`, compiled at test time) and check its JSON report.
+//!
+//! Needs root (eBPF), `cc`, and the memtrace binary (`$MEMTRACE_BIN`, else
+//! `<workspace>/target/debug/memtrace`). Every memtrace run is bounded by
+//! `util::RUN_TIMEOUT`; every process a test starts is killed when the test
+//! ends, also when it panics. Tests take a global lock, so they run one at a
+//! time whatever `--test-threads` says.
+
+mod util;
+
+mod errors;
+mod exact;
+mod isolation;
+mod munmap;
+mod nested;
+mod realloc;
+mod sampling;
+mod threads;
+mod unmatched;
