@@ -108,15 +108,22 @@ impl Resolver {
         Self { pid, map: MemoryMap::default(), symbolizer: Symbolizer::new() }
     }
 
+    /// Re-reads the process's memory map now (kept as it was if the process is gone).
+    /// A process may exit before the first report: read it as soon as it is known.
+    pub fn refresh_map(&mut self) {
+        if let Ok(map) = MemoryMap::read(self.pid)
+            && !map.is_empty()
+        {
+            self.map = map;
+        }
+    }
+
     /// Resolves every address of `snapshot` that is not resolved yet. Re-reads the
     /// process's memory map when an address falls outside it (a library loaded late).
     pub fn learn(&mut self, snapshot: &Snapshot) {
         let addresses: Vec<u64> = snapshot.stacks.iter().flat_map(return_addresses).collect();
-        if (self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()))
-            && let Ok(map) = MemoryMap::read(self.pid)
-            && !map.is_empty()
-        {
-            self.map = map;
+        if self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()) {
+            self.refresh_map();
         }
         let mut by_file: HashMap<PathBuf, Vec<u64>> = HashMap::new();
         for address in addresses {

@@ -141,6 +141,9 @@ fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, s
     let pid = traced.pid();
     let tgids = HashSet::from([pid]);
     let mut resolver = Resolver::new(pid);
+    if let Traced::Running { .. } = traced {
+        resolver.refresh_map();
+    }
     let started = Instant::now();
     let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
@@ -156,6 +159,7 @@ fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, s
             Traced::Child(child) => match child.events.recv_timeout(TICK) {
                 Ok(ChildEvent::Exiting) => {
                     // Its address space is still there: resolve everything now.
+                    resolver.refresh_map();
                     resolver.learn(&tracer.snapshot(&tgids)?);
                     child.resume();
                 }

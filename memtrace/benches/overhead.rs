@@ -1,0 +1,422 @@
+//! What tracing costs a traced program, per `malloc` + `free` pair, on one workload, in one
+//! run (`cargo xtask bench` prints the table; `cargo bench -p memtrace --bench overhead`
+//! runs this alone). Needs root: the benchmark traces its own process.
+//!
+//! The modes, measured in this order, each attached before and detached after its own
+//! measurement:
+//!
+//! 1. `untraced`: no probes.
+//! 2. `bare_floor`: empty BPF programs at exactly memtrace's probe spots: the cost of the
+//!    uprobe + uretprobe traps alone, which no uprobe-based tracer can go under.
+//! 3. `memtrace_exact`: memtrace, every block sampled (`sample_bytes` 1).
+//! 4. `memtrace_sampled`: memtrace, `sample_bytes` 4096 (every block still kept for exact
+//!    totals; unsampled ones skip the stack walk and the per-stack update).
+//! 5. `bpftrace_memleak`: a bpftrace script doing what bcc's memleak does (size per thread
+//!    and the user stack at entry, the block and per-stack bytes at return, removal at free).
+//!
+//! Before each traced mode is measured, a check proves its probes fire in this process, so
+//! probes that attach to nothing fail the run instead of printing a plausible table.
+use std::{
+    collections::HashSet,
+    fs::File,
+    hint::black_box,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, loaded_maps};
+use criterion::{Criterion, criterion_group, criterion_main};
+use memtrace::{
+    process::own_libc,
+    tracer::{Programs, Tracer, TracerOptions},
+};
+
+const GROUP: &str = "malloc_free_pair";
+/// Block sizes cycle through 16, 32, ..., 272 bytes (all small-bin, tcache-served sizes).
+const MIN_SIZE: usize = 16;
+const MAX_SIZE: usize = 272;
+const SIZE_STEP: usize = 16;
+/// Pairs made by each probe check; the check wants to see at least this many events.
+const CHECK_PAIRS: u64 = 1000;
+/// The sampled mode's rate: each byte sampled with probability 1/4096.
+const SAMPLED_BYTES: u64 = 4096;
+/// How long bpftrace may take to start and to show its probes firing.
+const BPFTRACE_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long bpftrace may take to exit after SIGINT before it is killed.
+const BPFTRACE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// bpftrace names the BPF map of `@allocs` like this.
+const BPFTRACE_ALLOCS_MAP: &str = "AT_allocs";
+
+/// The measured routine: one `malloc` and its `free`, the size moving on each call.
+struct Workload {
+    size: usize,
+}
+
+impl Workload {
+    fn new() -> Self {
+        Self { size: MIN_SIZE }
+    }
+
+    fn next_size(&mut self) -> usize {
+        let size = self.size;
+        self.size = if size >= MAX_SIZE { MIN_SIZE } else { size + SIZE_STEP };
+        size
+    }
+
+    #[inline(never)]
+    fn pair(&mut self) {
+        let size = self.next_size();
+        // SAFETY: malloc with any size is sound; the pointer (possibly null) goes straight
+        // to free, which accepts both.
+        unsafe {
+            let block = libc::malloc(black_box(size));
+            libc::free(black_box(block));
+        }
+    }
+
+    /// Makes `n` pairs, returning the bytes they allocated.
+    fn pairs(&mut self, n: u64) -> u64 {
+        let mut bytes = 0;
+        for _ in 0..n {
+            bytes += self.size as u64;
+            self.pair();
+        }
+        bytes
+    }
+}
+
+fn bench_modes(c: &mut Criterion) {
+    let pid = std::process::id();
+    let libc = own_libc().expect("finding this process's libc");
+    let mut workload = Workload::new();
+    let mut group = c.benchmark_group(GROUP);
+    // A traced pair costs microseconds: a few seconds per mode give millions of pairs.
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+
+    group.bench_function("untraced", |b| b.iter(|| workload.pair()));
+
+    {
+        let noop_before = program_ids(NOOP_PROGRAMS);
+        let tracer = attach(pid, &libc, 1, Programs::Noop);
+        check_noop_fires(&noop_before, &mut workload);
+        group.bench_function("bare_floor", |b| b.iter(|| workload.pair()));
+        drop(tracer);
+    }
+
+    for (name, sample_bytes) in [("memtrace_exact", 1), ("memtrace_sampled", SAMPLED_BYTES)] {
+        let mut tracer = attach(pid, &libc, sample_bytes, Programs::Memtrace);
+        check_memtrace_counts(name, &mut tracer, pid, &mut workload);
+        group.bench_function(name, |b| b.iter(|| workload.pair()));
+        drop(tracer);
+    }
+
+    match Bpftrace::start(pid, &libc, &mut workload) {
+        Some(bpftrace) => {
+            group.bench_function("bpftrace_memleak", |b| b.iter(|| workload.pair()));
+            bpftrace.stop();
+        }
+        None => eprintln!("bpftrace_memleak: skipped (bpftrace is not installed; test mode only)"),
+    }
+
+    group.finish();
+}
+
+fn attach(pid: u32, libc: &Path, sample_bytes: u64, programs: Programs) -> Tracer {
+    let mut tracer = Tracer::load(&TracerOptions { sample_bytes, ..Default::default() })
+        .unwrap_or_else(|e| panic!("loading memtrace's BPF object (the benchmark needs root): {e:#}"));
+    tracer
+        .attach_libc_programs(pid, libc, programs)
+        .unwrap_or_else(|e| panic!("attaching {programs:?} programs to {}: {e:#}", libc.display()));
+    tracer
+}
+
+/// memtrace's exact totals must count every allocation the check makes.
+fn check_memtrace_counts(name: &str, tracer: &mut Tracer, pid: u32, workload: &mut Workload) {
+    let tgids = HashSet::from([pid]);
+    let totals = |tracer: &mut Tracer| {
+        let snapshot = tracer.snapshot(&tgids).unwrap_or_else(|e| panic!("{name}: reading memtrace's maps: {e:#}"));
+        snapshot
+            .totals
+            .iter()
+            .fold((0u64, 0u64), |(n, bytes), (_, t)| (n + t.allocations, bytes + t.allocated_bytes))
+    };
+    let (count_before, bytes_before) = totals(tracer);
+    let bytes = workload.pairs(CHECK_PAIRS);
+    let (count_after, bytes_after) = totals(tracer);
+    let (counted, counted_bytes) = (count_after - count_before, bytes_after - bytes_before);
+    assert!(
+        counted >= CHECK_PAIRS && counted_bytes >= bytes,
+        "{name}: memtrace's probes do not fire in this process: {CHECK_PAIRS} mallocs of \
+         {bytes} bytes made, its totals grew by {counted} allocations of {counted_bytes} bytes"
+    );
+}
+
+const NOOP_PROGRAMS: &[&str] = &["noop_enter", "noop_exit"];
+
+/// IDs of the loaded BPF programs with one of `names`, on the whole host.
+fn program_ids(names: &[&str]) -> HashSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(|info| info.ok())
+        .filter(|info| info.name_as_str().is_some_and(|name| names.contains(&name)))
+        .map(|info| info.id())
+        .collect()
+}
+
+/// Run counts of each program in `ids`.
+fn run_counts(ids: &HashSet<u32>) -> Vec<(String, u64)> {
+    let mut counts: Vec<(String, u64)> = aya::programs::loaded_programs()
+        .filter_map(|info| info.ok())
+        .filter(|info| ids.contains(&info.id()))
+        .map(|info| (info.name_as_str().unwrap_or("?").to_owned(), info.run_count()))
+        .collect();
+    counts.sort();
+    counts
+}
+
+/// The empty programs record nothing, so the kernel's run counts (enabled only for the
+/// check) must show each of them ran once per pair; and the kernel must have mapped the
+/// `[uprobes]` area into this process, which it does when a uprobe first fires here.
+fn check_noop_fires(noop_before: &HashSet<u32>, workload: &mut Workload) {
+    let ours: HashSet<u32> = program_ids(NOOP_PROGRAMS).difference(noop_before).copied().collect();
+    assert!(!ours.is_empty(), "bare_floor: no noop_enter/noop_exit program was loaded");
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .unwrap_or_else(|e| panic!("bare_floor: enabling BPF run counts for the probe check: {e}"));
+    let before = run_counts(&ours);
+    workload.pairs(CHECK_PAIRS);
+    let after = run_counts(&ours);
+    drop(stats);
+    let ran: Vec<(String, u64)> = after
+        .iter()
+        .map(|(name, n)| {
+            let was = before.iter().find(|(b, _)| b == name).map_or(0, |(_, n)| *n);
+            (name.clone(), n - was)
+        })
+        .collect();
+    for program in NOOP_PROGRAMS {
+        let runs = ran.iter().filter(|(name, _)| name == program).map(|(_, n)| n).sum::<u64>();
+        assert!(
+            runs >= CHECK_PAIRS,
+            "bare_floor: the empty probes do not fire in this process: {CHECK_PAIRS} mallocs \
+             made, {program} ran {runs} times"
+        );
+    }
+    assert!(uprobes_area_mapped(), "bare_floor: no [uprobes] mapping in this process after probes fired");
+}
+
+fn uprobes_area_mapped() -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|maps| maps.lines().any(|line| line.ends_with("[uprobes]")))
+        .unwrap_or(false)
+}
+
+/// bcc memleak's bookkeeping in bpftrace: size and user stack per thread at entry, the block
+/// and per-stack bytes at return, removal at free. bpftrace 0.17 attaches uprobes to every
+/// process mapping the library, so each probe filters on the pid itself.
+fn memleak_script(pid: u32, libc: &Path) -> String {
+    let libc = libc.display();
+    format!(
+        r#"
+uprobe:{libc}:malloc /pid == {pid}/ {{
+    @size[tid] = arg0;
+    @stack[tid] = ustack;
+}}
+uretprobe:{libc}:malloc /pid == {pid} && @size[tid]/ {{
+    if (retval != 0) {{
+        @allocs[retval] = @size[tid];
+        @stack_of[retval] = @stack[tid];
+        @bytes[@stack[tid]] += @size[tid];
+    }}
+    delete(@size[tid]);
+    delete(@stack[tid]);
+}}
+uprobe:{libc}:free /pid == {pid} && @allocs[arg0]/ {{
+    @bytes[@stack_of[arg0]] -= @allocs[arg0];
+    delete(@allocs[arg0]);
+    delete(@stack_of[arg0]);
+}}
+END {{
+    clear(@size);
+    clear(@stack);
+    clear(@allocs);
+    clear(@stack_of);
+    clear(@bytes);
+}}
+"#
+    )
+}
+
+/// A running bpftrace, stopped (SIGINT, then SIGKILL) and reaped when dropped, panics
+/// included.
+struct Bpftrace {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Bpftrace {
+    /// Starts bpftrace on this process and waits until its probes record this process's
+    /// blocks. `None` when bpftrace is missing and this is a test run (`cargo test
+    /// --benches`), where the other modes still get checked.
+    fn start(pid: u32, libc: &Path, workload: &mut Workload) -> Option<Self> {
+        let log = std::env::temp_dir().join(format!("memtrace-bench-bpftrace-{pid}.log"));
+        let stdout = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let stderr = stdout.try_clone().expect("duplicating the bpftrace log's descriptor");
+        let spawned = Command::new("bpftrace")
+            .arg("-p")
+            .arg(pid.to_string())
+            .arg("-e")
+            .arg(memleak_script(pid, libc))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !bench_mode() => {
+                let _ = std::fs::remove_file(&log);
+                return None;
+            }
+            Err(e) => panic!(
+                "bpftrace_memleak: running bpftrace: {e} (`cargo xtask bench` installs it: \
+                 apt-get install bpftrace)"
+            ),
+        };
+        let mut bpftrace = Self { child: Some(child), log };
+        bpftrace.wait_for("Attaching", workload);
+        bpftrace.wait_until_recording(workload);
+        Some(bpftrace)
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("bpftrace already stopped")
+    }
+
+    fn output(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    fn fail(&mut self, what: &str) -> ! {
+        let status = self.child().try_wait().ok().flatten();
+        let output = self.output();
+        panic!(
+            "bpftrace_memleak: {what} (bpftrace {}); its output:\n{output}",
+            status.map_or("still running".to_owned(), |s| s.to_string())
+        );
+    }
+
+    fn wait_for(&mut self, text: &str, workload: &mut Workload) {
+        let deadline = Instant::now() + BPFTRACE_START_TIMEOUT;
+        while !self.output().contains(text) {
+            if matches!(self.child().try_wait(), Ok(Some(_))) {
+                self.fail(&format!("bpftrace exited before printing {text:?}"));
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("no {text:?} from bpftrace within {BPFTRACE_START_TIMEOUT:?}"));
+            }
+            workload.pairs(10);
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls (bounded) until bpftrace's `@allocs` holds a block this process keeps alive:
+    /// proof that its malloc probes fire here and record; then checks that its free probe
+    /// removes the block.
+    fn wait_until_recording(&mut self, workload: &mut Workload) {
+        const MARKER_SIZE: usize = 4242;
+        let deadline = Instant::now() + BPFTRACE_START_TIMEOUT;
+        loop {
+            // SAFETY: a plain allocation, freed below.
+            let block = unsafe { libc::malloc(MARKER_SIZE) };
+            assert!(!block.is_null(), "malloc({MARKER_SIZE}) failed");
+            let recorded = bpftrace_allocs_size(block as u64);
+            // SAFETY: `block` came from malloc above and is freed once.
+            unsafe { libc::free(block) };
+            match recorded {
+                Some(size) if size == MARKER_SIZE as u64 => {
+                    // The free above ran traced: its probe must have removed the block.
+                    if bpftrace_allocs_size(block as u64).is_some() {
+                        self.fail("bpftrace's free probe does not remove freed blocks from @allocs");
+                    }
+                    return;
+                }
+                Some(size) => self.fail(&format!("bpftrace recorded a {MARKER_SIZE}-byte block as {size} bytes")),
+                None => {}
+            }
+            if matches!(self.child().try_wait(), Ok(Some(_))) {
+                self.fail("bpftrace exited while starting");
+            }
+            if Instant::now() > deadline {
+                let maps: Vec<String> = loaded_maps()
+                    .filter_map(|m| m.ok())
+                    .filter_map(|m| m.name_as_str().map(str::to_owned))
+                    .filter(|name| name.starts_with("AT_"))
+                    .collect();
+                self.fail(&format!(
+                    "bpftrace's probes never recorded this process's mallocs within \
+                     {BPFTRACE_START_TIMEOUT:?} (bpftrace maps seen: {maps:?})"
+                ));
+            }
+            workload.pairs(10);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGINT, a bounded wait, SIGKILL; always reaps.
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if matches!(child.try_wait(), Ok(None)) {
+            // SAFETY: signalling our own child, not yet reaped, so its pid is still ours.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let deadline = Instant::now() + BPFTRACE_EXIT_TIMEOUT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// The size bpftrace's `@allocs` holds for `address`, looking at every bpftrace map of that
+/// name on the host (the script only ever records this process).
+fn bpftrace_allocs_size(address: u64) -> Option<u64> {
+    for info in loaded_maps().filter_map(|m| m.ok()) {
+        if info.name_as_str() != Some(BPFTRACE_ALLOCS_MAP) || info.key_size() != 8 || info.value_size() != 8 {
+            continue;
+        }
+        let Ok(data) = MapData::from_id(info.id()) else { continue };
+        let Ok(map) = Map::from_map_data(data) else { continue };
+        let Ok(allocs) = BpfHashMap::<MapData, u64, u64>::try_from(map) else { continue };
+        if let Ok(size) = allocs.get(&address, 0) {
+            return Some(size);
+        }
+    }
+    None
+}
+
+/// `cargo bench` passes `--bench`; `cargo test --benches` does not.
+fn bench_mode() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+criterion_group!(benches, bench_modes);
+criterion_main!(benches);
