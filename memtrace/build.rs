@@ -19,7 +19,12 @@ fn main() {
     }
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir"));
     let root = manifest_dir.parent().expect("workspace root").to_path_buf();
-    for path in ["memtrace-ebpf/src", "memtrace-ebpf/Cargo.toml", "memtrace-common/src", "xtask/src/ebpf_build.rs"] {
+    for path in [
+        "memtrace-ebpf/src",
+        "memtrace-ebpf/Cargo.toml",
+        "memtrace-common/src",
+        "xtask/src/ebpf_build.rs",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     let status = ebpf_build::command(&root)

@@ -15,14 +15,16 @@
 // offered, but LLVM lowers this intrinsic to BPF's atomic add.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// Map keys and values are passed by reference on purpose: copies cost BPF stack (512 B).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
-        bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, StackTrace},
@@ -95,7 +97,10 @@ fn add(field: &mut u64, delta: u64) {
 
 #[inline(always)]
 fn add_signed(field: &mut i64, delta: i64) {
-    add(unsafe { &mut *(field as *mut i64 as *mut u64) }, delta as u64);
+    add(
+        unsafe { &mut *(field as *mut i64 as *mut u64) },
+        delta as u64,
+    );
 }
 
 /// Looks `key` up, inserting a zeroed value first if it is missing.
@@ -168,7 +173,13 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<ThreadState> 
     Some(ThreadState {
         depth: 1,
         kind: kind as u32,
-        pending: AllocInfo { size, weight_bytes, weight_count, timestamp_ns: 0, usage },
+        pending: AllocInfo {
+            size,
+            weight_bytes,
+            weight_count,
+            timestamp_ns: 0,
+            usage,
+        },
         ..ThreadState::default()
     })
 }
@@ -193,7 +204,11 @@ fn enter_plain(ctx: &ProbeContext, kind: AllocKind, size: u64) {
 /// Adds a new live block to the totals.
 #[inline(always)]
 fn account_alloc(info: &AllocInfo) {
-    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    let key = ProcessKey {
+        cgroup_id: info.usage.cgroup_id,
+        tgid: info.usage.tgid,
+        _pad: 0,
+    };
     if let Some(totals) = get_or_init(&PROCESS_TOTALS, &key, Counter::ProcessTotalsFull) {
         // SAFETY: a valid map value pointer; every field is updated atomically.
         let totals = unsafe { &mut *totals };
@@ -219,7 +234,11 @@ fn account_alloc(info: &AllocInfo) {
 /// remain of it: 0 for a free, 1 or 2 when munmap cuts a mapping's edge or middle.
 #[inline(always)]
 fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
-    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    let key = ProcessKey {
+        cgroup_id: info.usage.cgroup_id,
+        tgid: info.usage.tgid,
+        _pad: 0,
+    };
     if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
         // SAFETY: a valid map value pointer; every field is updated atomically.
         let totals = unsafe { &mut *totals };
@@ -236,7 +255,10 @@ fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
         let usage = unsafe { &mut *usage };
         add(&mut usage.freed_bytes, weight);
         add_signed(&mut usage.outstanding_bytes, -(weight as i64));
-        add_signed(&mut usage.outstanding_count, (pieces_left - 1) * info.weight_count as i64);
+        add_signed(
+            &mut usage.outstanding_count,
+            (pieces_left - 1) * info.weight_count as i64,
+        );
     }
 }
 
@@ -259,7 +281,11 @@ fn unmatched_free(tgid: u32) {
 /// Records a new live block at `addr`.
 #[inline(always)]
 fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full: Counter) {
-    let key = AllocKey { tgid: info.usage.tgid, _pad: 0, addr };
+    let key = AllocKey {
+        tgid: info.usage.tgid,
+        _pad: 0,
+        addr,
+    };
     // A block already live at this address means its free was missed (a full map earlier,
     // or an untraced path): retire it so the totals stay consistent.
     if let Some(stale) = map.get_ptr(&key) {
@@ -277,7 +303,11 @@ fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full:
 /// Removes the live block at `addr` and returns it.
 #[inline(always)]
 fn take(map: &HashMap<AllocKey, AllocInfo>, tgid: u32, addr: u64) -> Option<AllocInfo> {
-    let key = AllocKey { tgid, _pad: 0, addr };
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
     // SAFETY: copied out before the remove; if another thread removed it first, the
     // remove fails and that thread accounts for it.
     let info = unsafe { *map.get_ptr(&key)? };
@@ -343,7 +373,11 @@ pub fn valloc_enter(ctx: ProbeContext) -> u32 {
 pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(0).unwrap_or(0);
     let page = page_size();
-    let rounded = if size == 0 { page } else { size.div_ceil(page) * page };
+    let rounded = if size == 0 {
+        page
+    } else {
+        size.div_ceil(page) * page
+    };
     enter_plain(&ctx, AllocKind::Plain, rounded);
     0
 }
@@ -406,7 +440,11 @@ pub fn mmap_enter(ctx: ProbeContext) -> u32 {
     let flags: u64 = ctx.arg(3).unwrap_or(0);
     let page = page_size();
     // File mappings are not heap: the entry still counts depth, so mark them zero-size.
-    let size = if flags & MAP_ANONYMOUS != 0 { len.div_ceil(page) * page } else { 0 };
+    let size = if flags & MAP_ANONYMOUS != 0 {
+        len.div_ceil(page) * page
+    } else {
+        0
+    };
     enter_plain(&ctx, AllocKind::Mmap, size);
     0
 }
@@ -455,7 +493,11 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
                 // Failed: the old block is still live where it was.
                 let old = state.old;
                 unfree(&old);
-                let key = AllocKey { tgid: old.usage.tgid, _pad: 0, addr: state.old_addr };
+                let key = AllocKey {
+                    tgid: old.usage.tgid,
+                    _pad: 0,
+                    addr: state.old_addr,
+                };
                 if ALLOCS.insert(&key, &old, BPF_ANY as u64).is_err() {
                     count(Counter::AllocsFull);
                 }
@@ -473,11 +515,18 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// Undoes `account_free` of a whole block (a realloc that failed).
 #[inline(always)]
 fn unfree(info: &AllocInfo) {
-    let key = ProcessKey { cgroup_id: info.usage.cgroup_id, tgid: info.usage.tgid, _pad: 0 };
+    let key = ProcessKey {
+        cgroup_id: info.usage.cgroup_id,
+        tgid: info.usage.tgid,
+        _pad: 0,
+    };
     if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
         // SAFETY: a valid map value pointer; every field is updated atomically.
         let totals = unsafe { &mut *totals };
-        add(&mut totals.freed_bytes, (info.size as i64).wrapping_neg() as u64);
+        add(
+            &mut totals.freed_bytes,
+            (info.size as i64).wrapping_neg() as u64,
+        );
         add_signed(&mut totals.outstanding_bytes, info.size as i64);
         add_signed(&mut totals.outstanding_count, 1);
     }
@@ -487,7 +536,10 @@ fn unfree(info: &AllocInfo) {
     if let Some(usage) = USAGE.get_ptr_mut(&info.usage) {
         // SAFETY: as above.
         let usage = unsafe { &mut *usage };
-        add(&mut usage.freed_bytes, (info.weight_bytes as i64).wrapping_neg() as u64);
+        add(
+            &mut usage.freed_bytes,
+            (info.weight_bytes as i64).wrapping_neg() as u64,
+        );
         add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
         add_signed(&mut usage.outstanding_count, info.weight_count as i64);
     }
@@ -533,10 +585,18 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
         let (start, info) = found;
         let region_end = start + info.size;
         let cut_end = if end < region_end { end } else { region_end };
-        let _ = MMAPS.remove(&AllocKey { tgid, _pad: 0, addr: start });
+        let _ = MMAPS.remove(&AllocKey {
+            tgid,
+            _pad: 0,
+            addr: start,
+        });
         let head = cursor - start;
         let tail = region_end - cut_end;
-        account_free(&info, cut_end - cursor, (head > 0) as i64 + (tail > 0) as i64);
+        account_free(
+            &info,
+            cut_end - cursor,
+            (head > 0) as i64 + (tail > 0) as i64,
+        );
         if head > 0 {
             insert_mapping(tgid, start, &piece(&info, head));
         }
@@ -547,7 +607,11 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
         if cursor >= end {
             return 0;
         }
-        let Some(info) = MMAPS.get_ptr(&AllocKey { tgid, _pad: 0, addr: cursor }) else {
+        let Some(info) = MMAPS.get_ptr(&AllocKey {
+            tgid,
+            _pad: 0,
+            addr: cursor,
+        }) else {
             return 0; // The rest of the range is not ours.
         };
         // SAFETY: copied out of the map.
@@ -569,12 +633,27 @@ fn scaled_weight(info: &AllocInfo, bytes: u64) -> u64 {
 /// What remains of a mapping after a cut: `size` bytes carrying their share of the estimate.
 #[inline(always)]
 fn piece(info: &AllocInfo, size: u64) -> AllocInfo {
-    AllocInfo { size, weight_bytes: scaled_weight(info, size), ..*info }
+    AllocInfo {
+        size,
+        weight_bytes: scaled_weight(info, size),
+        ..*info
+    }
 }
 
 #[inline(always)]
 fn insert_mapping(tgid: u32, start: u64, info: &AllocInfo) {
-    if MMAPS.insert(&AllocKey { tgid, _pad: 0, addr: start }, info, BPF_ANY as u64).is_err() {
+    if MMAPS
+        .insert(
+            &AllocKey {
+                tgid,
+                _pad: 0,
+                addr: start,
+            },
+            info,
+            BPF_ANY as u64,
+        )
+        .is_err()
+    {
         count(Counter::MmapsFull);
     }
 }
@@ -586,7 +665,11 @@ fn find_mapping_around(tgid: u32, addr: u64) -> Option<(u64, AllocInfo)> {
     let page = page_size();
     for back in 0..=MUNMAP_MAX_PAGES_BACK as u64 {
         let start = addr.checked_sub(back * page)?;
-        if let Some(info) = MMAPS.get_ptr(&AllocKey { tgid, _pad: 0, addr: start }) {
+        if let Some(info) = MMAPS.get_ptr(&AllocKey {
+            tgid,
+            _pad: 0,
+            addr: start,
+        }) {
             // SAFETY: copied out of the map.
             let info = unsafe { *info };
             // The nearest mapping below may end before `addr`: then nothing tracked is cut.

@@ -62,7 +62,11 @@ impl Workload {
 
     fn next_size(&mut self) -> usize {
         let size = self.size;
-        self.size = if size >= MAX_SIZE { MIN_SIZE } else { size + SIZE_STEP };
+        self.size = if size >= MAX_SIZE {
+            MIN_SIZE
+        } else {
+            size + SIZE_STEP
+        };
         size
     }
 
@@ -94,7 +98,10 @@ fn bench_modes(c: &mut Criterion) {
     let mut workload = Workload::new();
     let mut group = c.benchmark_group(GROUP);
     // A traced pair costs microseconds: a few seconds per mode give millions of pairs.
-    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
 
     group.bench_function("untraced", |b| b.iter(|| workload.pair()));
 
@@ -124,24 +131,50 @@ fn bench_modes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Loads and attaches a tracer from a helper thread, while the measuring thread waits
+/// without allocating: a thread that allocates while the probes are being attached can see
+/// an entry probe fire without its return probe (attached a moment later), which leaves a
+/// stale per-thread state in memtrace's `THREADS` map, and memtrace then takes all of that
+/// thread's later calls for nested ones and records none of them.
 fn attach(pid: u32, libc: &Path, sample_bytes: u64, programs: Programs) -> Tracer {
-    let mut tracer = Tracer::load(&TracerOptions { sample_bytes, ..Default::default() })
-        .unwrap_or_else(|e| panic!("loading memtrace's BPF object (the benchmark needs root): {e:#}"));
-    tracer
-        .attach_libc_programs(pid, libc, programs)
-        .unwrap_or_else(|e| panic!("attaching {programs:?} programs to {}: {e:#}", libc.display()));
-    tracer
+    thread::scope(|scope| {
+        let attaching = scope.spawn(|| {
+            let options = TracerOptions {
+                sample_bytes,
+                ..Default::default()
+            };
+            let mut tracer = Tracer::load(&options).unwrap_or_else(|e| {
+                panic!("loading memtrace's BPF object (the benchmark needs root): {e:#}")
+            });
+            tracer
+                .attach_libc_programs(pid, libc, programs)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "attaching {programs:?} programs to {}: {e:#}",
+                        libc.display()
+                    )
+                });
+            tracer
+        });
+        attaching
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// memtrace's exact totals must count every allocation the check makes.
 fn check_memtrace_counts(name: &str, tracer: &mut Tracer, pid: u32, workload: &mut Workload) {
     let tgids = HashSet::from([pid]);
     let totals = |tracer: &mut Tracer| {
-        let snapshot = tracer.snapshot(&tgids).unwrap_or_else(|e| panic!("{name}: reading memtrace's maps: {e:#}"));
+        let snapshot = tracer
+            .snapshot(&tgids)
+            .unwrap_or_else(|e| panic!("{name}: reading memtrace's maps: {e:#}"));
         snapshot
             .totals
             .iter()
-            .fold((0u64, 0u64), |(n, bytes), (_, t)| (n + t.allocations, bytes + t.allocated_bytes))
+            .fold((0u64, 0u64), |(n, bytes), (_, t)| {
+                (n + t.allocations, bytes + t.allocated_bytes)
+            })
     };
     let (count_before, bytes_before) = totals(tracer);
     let bytes = workload.pairs(CHECK_PAIRS);
@@ -170,7 +203,12 @@ fn run_counts(ids: &HashSet<u32>) -> Vec<(String, u64)> {
     let mut counts: Vec<(String, u64)> = aya::programs::loaded_programs()
         .filter_map(|info| info.ok())
         .filter(|info| ids.contains(&info.id()))
-        .map(|info| (info.name_as_str().unwrap_or("?").to_owned(), info.run_count()))
+        .map(|info| {
+            (
+                info.name_as_str().unwrap_or("?").to_owned(),
+                info.run_count(),
+            )
+        })
         .collect();
     counts.sort();
     counts
@@ -180,8 +218,14 @@ fn run_counts(ids: &HashSet<u32>) -> Vec<(String, u64)> {
 /// check) must show each of them ran once per pair; and the kernel must have mapped the
 /// `[uprobes]` area into this process, which it does when a uprobe first fires here.
 fn check_noop_fires(noop_before: &HashSet<u32>, workload: &mut Workload) {
-    let ours: HashSet<u32> = program_ids(NOOP_PROGRAMS).difference(noop_before).copied().collect();
-    assert!(!ours.is_empty(), "bare_floor: no noop_enter/noop_exit program was loaded");
+    let ours: HashSet<u32> = program_ids(NOOP_PROGRAMS)
+        .difference(noop_before)
+        .copied()
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "bare_floor: no noop_enter/noop_exit program was loaded"
+    );
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .unwrap_or_else(|e| panic!("bare_floor: enabling BPF run counts for the probe check: {e}"));
     let before = run_counts(&ours);
@@ -191,19 +235,29 @@ fn check_noop_fires(noop_before: &HashSet<u32>, workload: &mut Workload) {
     let ran: Vec<(String, u64)> = after
         .iter()
         .map(|(name, n)| {
-            let was = before.iter().find(|(b, _)| b == name).map_or(0, |(_, n)| *n);
+            let was = before
+                .iter()
+                .find(|(b, _)| b == name)
+                .map_or(0, |(_, n)| *n);
             (name.clone(), n - was)
         })
         .collect();
     for program in NOOP_PROGRAMS {
-        let runs = ran.iter().filter(|(name, _)| name == program).map(|(_, n)| n).sum::<u64>();
+        let runs = ran
+            .iter()
+            .filter(|(name, _)| name == program)
+            .map(|(_, n)| n)
+            .sum::<u64>();
         assert!(
             runs >= CHECK_PAIRS,
             "bare_floor: the empty probes do not fire in this process: {CHECK_PAIRS} mallocs \
              made, {program} ran {runs} times"
         );
     }
-    assert!(uprobes_area_mapped(), "bare_floor: no [uprobes] mapping in this process after probes fired");
+    assert!(
+        uprobes_area_mapped(),
+        "bare_floor: no [uprobes] mapping in this process after probes fired"
+    );
 }
 
 fn uprobes_area_mapped() -> bool {
@@ -261,8 +315,11 @@ impl Bpftrace {
     /// --benches`), where the other modes still get checked.
     fn start(pid: u32, libc: &Path, workload: &mut Workload) -> Option<Self> {
         let log = std::env::temp_dir().join(format!("memtrace-bench-bpftrace-{pid}.log"));
-        let stdout = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let stderr = stdout.try_clone().expect("duplicating the bpftrace log's descriptor");
+        let stdout =
+            File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let stderr = stdout
+            .try_clone()
+            .expect("duplicating the bpftrace log's descriptor");
         let spawned = Command::new("bpftrace")
             .arg("-p")
             .arg(pid.to_string())
@@ -283,7 +340,10 @@ impl Bpftrace {
                  apt-get install bpftrace)"
             ),
         };
-        let mut bpftrace = Self { child: Some(child), log };
+        let mut bpftrace = Self {
+            child: Some(child),
+            log,
+        };
         bpftrace.wait_for("Attaching", workload);
         bpftrace.wait_until_recording(workload);
         Some(bpftrace)
@@ -317,7 +377,9 @@ impl Bpftrace {
                 self.fail(&format!("bpftrace exited before printing {text:?}"));
             }
             if Instant::now() > deadline {
-                self.fail(&format!("no {text:?} from bpftrace within {BPFTRACE_START_TIMEOUT:?}"));
+                self.fail(&format!(
+                    "no {text:?} from bpftrace within {BPFTRACE_START_TIMEOUT:?}"
+                ));
             }
             workload.pairs(10);
             thread::sleep(Duration::from_millis(50));
@@ -341,11 +403,15 @@ impl Bpftrace {
                 Some(size) if size == MARKER_SIZE as u64 => {
                     // The free above ran traced: its probe must have removed the block.
                     if bpftrace_allocs_size(block as u64).is_some() {
-                        self.fail("bpftrace's free probe does not remove freed blocks from @allocs");
+                        self.fail(
+                            "bpftrace's free probe does not remove freed blocks from @allocs",
+                        );
                     }
                     return;
                 }
-                Some(size) => self.fail(&format!("bpftrace recorded a {MARKER_SIZE}-byte block as {size} bytes")),
+                Some(size) => self.fail(&format!(
+                    "bpftrace recorded a {MARKER_SIZE}-byte block as {size} bytes"
+                )),
                 None => {}
             }
             if matches!(self.child().try_wait(), Ok(Some(_))) {
@@ -373,7 +439,9 @@ impl Bpftrace {
     }
 
     fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if matches!(child.try_wait(), Ok(None)) {
             // SAFETY: signalling our own child, not yet reaped, so its pid is still ours.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -400,12 +468,21 @@ impl Drop for Bpftrace {
 /// name on the host (the script only ever records this process).
 fn bpftrace_allocs_size(address: u64) -> Option<u64> {
     for info in loaded_maps().filter_map(|m| m.ok()) {
-        if info.name_as_str() != Some(BPFTRACE_ALLOCS_MAP) || info.key_size() != 8 || info.value_size() != 8 {
+        if info.name_as_str() != Some(BPFTRACE_ALLOCS_MAP)
+            || info.key_size() != 8
+            || info.value_size() != 8
+        {
             continue;
         }
-        let Ok(data) = MapData::from_id(info.id()) else { continue };
-        let Ok(map) = Map::from_map_data(data) else { continue };
-        let Ok(allocs) = BpfHashMap::<MapData, u64, u64>::try_from(map) else { continue };
+        let Ok(data) = MapData::from_id(info.id()) else {
+            continue;
+        };
+        let Ok(map) = Map::from_map_data(data) else {
+            continue;
+        };
+        let Ok(allocs) = BpfHashMap::<MapData, u64, u64>::try_from(map) else {
+            continue;
+        };
         if let Ok(size) = allocs.get(&address, 0) {
             return Some(size);
         }

@@ -5,7 +5,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "memtrace", version, about = "eBPF memory-leak detector: which call stacks hold unfreed memory")]
+#[command(
+    name = "memtrace",
+    version,
+    about = "eBPF memory-leak detector: which call stacks hold unfreed memory"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -45,7 +45,8 @@ pub struct TracedChild {
 impl TracedChild {
     /// Forks and stops `program` before exec. Nothing of it runs until `resume`.
     pub fn spawn(program: &Path, args: &[String]) -> Result<Self> {
-        let path = CString::new(program.as_os_str().as_bytes()).context("program path has a NUL byte")?;
+        let path =
+            CString::new(program.as_os_str().as_bytes()).context("program path has a NUL byte")?;
         let argv = std::iter::once(program.display().to_string())
             .chain(args.iter().cloned())
             .map(|a| CString::new(a).context("argument has a NUL byte"))
@@ -57,7 +58,12 @@ impl TracedChild {
             .name("memtrace-child".into())
             .spawn(move || own_child(path, argv, pid_tx, event_tx, resume_rx))?;
         let pid = pid_rx.recv().context("the child owner thread died")??;
-        Ok(Self { pid, events, resume, owner: Some(owner) })
+        Ok(Self {
+            pid,
+            events,
+            resume,
+            owner: Some(owner),
+        })
     }
 
     /// Lets the child run (after spawn) or finish exiting (after [`ChildEvent::Exiting`]).
@@ -108,7 +114,9 @@ fn own_child(
     match waitpid(child, None) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
         other => {
-            let _ = pid_tx.send(Err(anyhow::anyhow!("child did not stop before exec: {other:?}")));
+            let _ = pid_tx.send(Err(anyhow::anyhow!(
+                "child did not stop before exec: {other:?}"
+            )));
             return;
         }
     }

@@ -32,7 +32,10 @@ pub struct Placement {
 
 /// Chooses the probe offset for a function whose first bytes are `code` (x86-64).
 pub fn place(code: &[u8]) -> Placement {
-    let fallback = Placement { offset: 0, emulated: false };
+    let fallback = Placement {
+        offset: 0,
+        emulated: false,
+    };
     let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut instruction = Instruction::default();
@@ -42,7 +45,10 @@ pub fn place(code: &[u8]) -> Placement {
             return fallback;
         }
         if is_emulated(&instruction) {
-            return Placement { offset: instruction.ip(), emulated: true };
+            return Placement {
+                offset: instruction.ip(),
+                emulated: true,
+            };
         }
         if !is_transparent(&instruction, &mut info) {
             return fallback;
@@ -66,8 +72,13 @@ fn is_emulated(instruction: &Instruction) -> bool {
 fn is_protected(register: Register) -> bool {
     matches!(
         register.full_register(),
-        Register::RDI | Register::RSI | Register::RDX | Register::RCX | Register::R8
-            | Register::R9 | Register::RSP
+        Register::RDI
+            | Register::RSI
+            | Register::RDX
+            | Register::RCX
+            | Register::R8
+            | Register::R9
+            | Register::RSP
     )
 }
 
@@ -78,10 +89,16 @@ fn is_transparent(instruction: &Instruction, info: &mut InstructionInfoFactory) 
     let info = info.info(instruction);
     let writes_register = info.used_registers().iter().any(|used| {
         is_protected(used.register())
-            && !matches!(used.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::None)
+            && !matches!(
+                used.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::None
+            )
     });
     let writes_memory = info.used_memory().iter().any(|used| {
-        !matches!(used.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::None)
+        !matches!(
+            used.access(),
+            OpAccess::Read | OpAccess::CondRead | OpAccess::None
+        )
     });
     !writes_register && !writes_memory
 }
@@ -91,7 +108,10 @@ mod tests {
     use super::*;
 
     fn at(offset: u64) -> Placement {
-        Placement { offset, emulated: true }
+        Placement {
+            offset,
+            emulated: true,
+        }
     }
 
     #[test]
@@ -117,29 +137,55 @@ mod tests {
     #[test]
     fn writing_an_argument_register_keeps_offset_zero() {
         // reallocarray: mov %rsi,%rax; mul %rdx (writes rdx); ...
-        let code = [0x48, 0x89, 0xf0, 0x48, 0xf7, 0xe2, 0x48, 0x89, 0xc6, 0x70, 0x05];
-        assert_eq!(place(&code), Placement { offset: 0, emulated: false });
+        let code = [
+            0x48, 0x89, 0xf0, 0x48, 0xf7, 0xe2, 0x48, 0x89, 0xc6, 0x70, 0x05,
+        ];
+        assert_eq!(
+            place(&code),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
     }
 
     #[test]
     fn a_syscall_is_not_transparent() {
         // munmap: mov $0xb,%eax; syscall
         let code = [0xb8, 0x0b, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xc3];
-        assert_eq!(place(&code), Placement { offset: 0, emulated: false });
+        assert_eq!(
+            place(&code),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
     }
 
     #[test]
     fn stack_pointer_changes_keep_offset_zero() {
         // sub $0x18,%rsp; push %rbx
         let code = [0x48, 0x83, 0xec, 0x18, 0x53];
-        assert_eq!(place(&code), Placement { offset: 0, emulated: false });
+        assert_eq!(
+            place(&code),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
     }
 
     #[test]
     fn memory_stores_keep_offset_zero() {
         // mov %rdi,(%rax); push %rbx
         let code = [0x48, 0x89, 0x38, 0x53];
-        assert_eq!(place(&code), Placement { offset: 0, emulated: false });
+        assert_eq!(
+            place(&code),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
     }
 
     #[test]
@@ -151,7 +197,19 @@ mod tests {
 
     #[test]
     fn truncated_code_falls_back() {
-        assert_eq!(place(&[0x48]), Placement { offset: 0, emulated: false });
-        assert_eq!(place(&[]), Placement { offset: 0, emulated: false });
+        assert_eq!(
+            place(&[0x48]),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
+        assert_eq!(
+            place(&[]),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
     }
 }

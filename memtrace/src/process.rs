@@ -66,7 +66,10 @@ impl MemoryMap {
 
     /// The mapping containing `addr`.
     pub fn find(&self, addr: u64) -> Option<&Mapping> {
-        let index = self.mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+        let index = self
+            .mappings
+            .partition_point(|m| m.start <= addr)
+            .checked_sub(1)?;
         let mapping = &self.mappings[index];
         (addr < mapping.end).then_some(mapping)
     }
@@ -79,7 +82,10 @@ impl MemoryMap {
 
     /// The first mapped file whose name looks like a C library.
     pub fn libc(&self) -> Option<&Path> {
-        self.mappings.iter().map(|m| m.path.as_path()).find(|path| is_libc(path))
+        self.mappings
+            .iter()
+            .map(|m| m.path.as_path())
+            .find(|path| is_libc(path))
     }
 }
 
@@ -93,13 +99,21 @@ fn strip_deleted(path: PathBuf) -> PathBuf {
 
 /// glibc's `libc.so.6`, older `libc-2.x.so`, musl's `libc.musl-*.so.1`.
 fn is_libc(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
     name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("libc.musl")
 }
 
-/// Whether a process with this pid exists now.
+/// Whether a process with this pid exists now (a zombie does not count: it has exited,
+/// and only waits for its parent to reap it).
 pub fn exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
 }
 
 /// The command line of a process, space-joined (its comm name if that is unreadable).
@@ -128,7 +142,9 @@ pub fn in_root(pid: u32, path: &Path) -> PathBuf {
 /// The libc this program itself runs on.
 pub fn own_libc() -> Result<PathBuf> {
     let maps = MemoryMap::read(std::process::id())?;
-    maps.libc().map(Path::to_owned).context("memtrace's own process maps no libc")
+    maps.libc()
+        .map(Path::to_owned)
+        .context("memtrace's own process maps no libc")
 }
 
 /// The libc a dynamically linked program will load, as its own dynamic loader resolves
@@ -141,7 +157,10 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
             program.path().display()
         );
     };
-    let listed = Command::new(interpreter).arg("--list").arg(program.path()).output();
+    let listed = Command::new(interpreter)
+        .arg("--list")
+        .arg(program.path())
+        .output();
     if let Ok(output) = listed
         && output.status.success()
     {
@@ -155,9 +174,15 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
                 }
             }
         }
-        bail!("{} does not link a C library (its loader lists none)", program.path().display());
+        bail!(
+            "{} does not link a C library (its loader lists none)",
+            program.path().display()
+        );
     }
-    log::debug!("{} --list failed; assuming memtrace's own libc", interpreter.display());
+    log::debug!(
+        "{} --list failed; assuming memtrace's own libc",
+        interpreter.display()
+    );
     own_libc()
 }
 
@@ -165,7 +190,11 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
 pub fn find_program(program: &str) -> Result<PathBuf> {
     if program.contains('/') {
         let path = PathBuf::from(program);
-        return if path.is_file() { Ok(path) } else { bail!("{program}: no such file") };
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            bail!("{program}: no such file")
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -190,11 +219,20 @@ mod tests {
     fn parses_executable_file_mappings_only() {
         let map = MemoryMap::parse(MAPS.as_bytes()).unwrap();
         assert_eq!(map.mappings.len(), 3);
-        assert_eq!(map.libc(), Some(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")));
+        assert_eq!(
+            map.libc(),
+            Some(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"))
+        );
         let (path, offset) = map.to_file_offset(0x55d0c0a01010).unwrap();
         assert_eq!((path, offset), (Path::new("/usr/bin/leaky"), 0x1010));
-        assert_eq!(map.find(0x7f1c2a500000).unwrap().path, Path::new("/tmp/my lib.so"));
-        assert!(map.find(0x7f1c2a400010).is_none(), "anonymous memory has no file");
+        assert_eq!(
+            map.find(0x7f1c2a500000).unwrap().path,
+            Path::new("/tmp/my lib.so")
+        );
+        assert!(
+            map.find(0x7f1c2a400010).is_none(),
+            "anonymous memory has no file"
+        );
         assert!(map.find(0x1000).is_none());
     }
 
@@ -208,6 +246,24 @@ mod tests {
         assert!(is_libc(Path::new("/lib/libc.musl-x86_64.so.1")));
         assert!(is_libc(Path::new("/lib64/libc-2.17.so")));
         assert!(!is_libc(Path::new("/usr/lib/libcrypt.so.1")));
+    }
+
+    #[test]
+    fn a_zombie_does_not_exist() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Not reaped yet: it turns into a zombie, which must not count as running.
+        while exists(pid) {
+            assert!(std::time::Instant::now() < deadline, "`true` never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "zombie still has /proc"
+        );
+        child.wait().unwrap();
+        assert!(!exists(pid));
     }
 
     #[test]

@@ -69,11 +69,18 @@ impl Frame {
     pub fn site(&self) -> String {
         match (&self.function, &self.file, self.line) {
             (Some(function), Some(file), Some(line)) => {
-                let file = Path::new(file).file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+                let file = Path::new(file)
+                    .file_name()
+                    .map(|f| f.to_string_lossy())
+                    .unwrap_or_default();
                 format!("{function} ({file}:{line})")
             }
             (Some(function), _, _) => function.clone(),
-            _ => format!("{}+{}", self.module, self.offset.as_deref().unwrap_or(&self.address)),
+            _ => format!(
+                "{}+{}",
+                self.module,
+                self.offset.as_deref().unwrap_or(&self.address)
+            ),
         }
     }
 }
@@ -105,7 +112,11 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(pid: u32) -> Self {
-        Self { pid, map: MemoryMap::default(), symbolizer: Symbolizer::new() }
+        Self {
+            pid,
+            map: MemoryMap::default(),
+            symbolizer: Symbolizer::new(),
+        }
     }
 
     /// Re-reads the process's memory map now (kept as it was if the process is gone).
@@ -133,7 +144,11 @@ impl Resolver {
         }
         let alive = process::exists(self.pid);
         for (path, offsets) in by_file {
-            let readable = if alive { process::in_root(self.pid, &path) } else { path.clone() };
+            let readable = if alive {
+                process::in_root(self.pid, &path)
+            } else {
+                path.clone()
+            };
             self.symbolizer.resolve(&path, &readable, &offsets);
         }
     }
@@ -144,11 +159,16 @@ impl Resolver {
         let symbol = located.and_then(|(path, offset)| self.symbolizer.get(path, offset));
         Frame {
             function: symbol.and_then(|s| s.function.clone()),
-            module: located.map(|(p, _)| p.display().to_string()).unwrap_or_else(|| "[unknown]".into()),
+            module: located
+                .map(|(p, _)| p.display().to_string())
+                .unwrap_or_else(|| "[unknown]".into()),
             file: symbol.and_then(|s| s.file.clone()),
             line: symbol.and_then(|s| s.line),
             address: format!("{address:#x}"),
-            offset: self.map.to_file_offset(address).map(|(_, offset)| format!("{offset:#x}")),
+            offset: self
+                .map
+                .to_file_offset(address)
+                .map(|(_, offset)| format!("{offset:#x}")),
         }
     }
 
@@ -173,9 +193,16 @@ impl Resolver {
     }
 
     /// Builds the report of `snapshot` (already passed through [`Resolver::learn`]).
-    pub fn report(&self, snapshot: &Snapshot, target: Target, duration_secs: f64, sample_bytes: u64) -> Report {
+    pub fn report(
+        &self,
+        snapshot: &Snapshot,
+        target: Target,
+        duration_secs: f64,
+        sample_bytes: u64,
+    ) -> Report {
         // One process may have allocated from several cgroups: merge per stack.
-        let mut merged: HashMap<(u32, u64), (UsageKey, memtrace_common::Usage, &StackUsage)> = HashMap::new();
+        let mut merged: HashMap<(u32, u64), (UsageKey, memtrace_common::Usage, &StackUsage)> =
+            HashMap::new();
         for stack in &snapshot.stacks {
             let entry = merged
                 .entry((stack.key.stack_id, stack.key.caller))
@@ -200,7 +227,11 @@ impl Resolver {
             })
             .collect();
         stacks.sort_by(|a, b| {
-            (b.outstanding_bytes, b.allocated_bytes, &a.stack_id).cmp(&(a.outstanding_bytes, a.allocated_bytes, &b.stack_id))
+            (b.outstanding_bytes, b.allocated_bytes, &a.stack_id).cmp(&(
+                a.outstanding_bytes,
+                a.allocated_bytes,
+                &b.stack_id,
+            ))
         });
 
         let mut totals = Totals::default();
@@ -222,7 +253,13 @@ impl Resolver {
                 totals.drops.insert(counter.name(), value);
             }
         }
-        Report { target, duration_secs, sample_bytes, totals, stacks }
+        Report {
+            target,
+            duration_secs,
+            sample_bytes,
+            totals,
+            stacks,
+        }
     }
 }
 
@@ -240,7 +277,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// The table view: a header line, then the top `limit` stacks with up to `depth` frames.
@@ -262,12 +303,23 @@ pub fn table(report: &Report, limit: usize, depth: usize) -> String {
         t.dropped_events,
     );
     if report.sample_bytes > 1 {
-        let _ = writeln!(out, "(sampled: 1 byte in {}; per-stack numbers are estimates)", report.sample_bytes);
+        let _ = writeln!(
+            out,
+            "(sampled: 1 byte in {}; per-stack numbers are estimates)",
+            report.sample_bytes
+        );
     }
-    let _ = writeln!(out, "{:>12} {:>9} {:>12}  STACK", "OUTSTANDING", "ALLOCS", "ALLOCATED");
+    let _ = writeln!(
+        out,
+        "{:>12} {:>9} {:>12}  STACK",
+        "OUTSTANDING", "ALLOCS", "ALLOCATED"
+    );
     for stack in report.stacks.iter().take(limit) {
         let mut frames = stack.frames.iter();
-        let first = frames.next().map(Frame::site).unwrap_or_else(|| "[no stack]".into());
+        let first = frames
+            .next()
+            .map(Frame::site)
+            .unwrap_or_else(|| "[no stack]".into());
         let _ = writeln!(
             out,
             "{:>12} {:>9} {:>12}  {first}",
@@ -288,7 +340,12 @@ mod tests {
 
     fn stack(caller: u64, kernel_frames: Vec<u64>) -> StackUsage {
         StackUsage {
-            key: UsageKey { cgroup_id: 1, tgid: 1, stack_id: 7, caller },
+            key: UsageKey {
+                cgroup_id: 1,
+                tgid: 1,
+                stack_id: 7,
+                caller,
+            },
             usage: Default::default(),
             kernel_frames,
         }
@@ -296,12 +353,18 @@ mod tests {
 
     #[test]
     fn caller_comes_first_and_the_probed_frame_is_dropped() {
-        assert_eq!(return_addresses(&stack(0x10, vec![0xaaa, 0x20, 0x30, 0])), vec![0x10, 0x20, 0x30]);
+        assert_eq!(
+            return_addresses(&stack(0x10, vec![0xaaa, 0x20, 0x30, 0])),
+            vec![0x10, 0x20, 0x30]
+        );
     }
 
     #[test]
     fn a_kernel_repaired_walk_does_not_repeat_the_caller() {
-        assert_eq!(return_addresses(&stack(0x10, vec![0xaaa, 0x10, 0x20])), vec![0x10, 0x20]);
+        assert_eq!(
+            return_addresses(&stack(0x10, vec![0xaaa, 0x10, 0x20])),
+            vec![0x10, 0x20]
+        );
     }
 
     #[test]
@@ -334,7 +397,12 @@ mod tests {
             offset: Some("0x1234".into()),
         };
         assert_eq!(frame.site(), "/lib/x.so+0x1234");
-        let named = Frame { function: Some("leak".into()), file: Some("/src/a.c".into()), line: Some(3), ..frame };
+        let named = Frame {
+            function: Some("leak".into()),
+            file: Some("/src/a.c".into()),
+            line: Some(3),
+            ..frame
+        };
         assert_eq!(named.site(), "leak (a.c:3)");
     }
 }

@@ -35,7 +35,10 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new() -> Self {
-        Self { blazesym: Blazesym::new(), cache: HashMap::new() }
+        Self {
+            blazesym: Blazesym::new(),
+            cache: HashMap::new(),
+        }
     }
 
     /// Resolves `offsets` of one file (read through `readable_path`, which may differ
@@ -51,7 +54,10 @@ impl Symbolizer {
             return;
         }
         let source = Source::Elf(Elf::new(readable_path));
-        let results = match self.blazesym.symbolize(&source, Input::FileOffset(&missing)) {
+        let results = match self
+            .blazesym
+            .symbolize(&source, Input::FileOffset(&missing))
+        {
             Ok(results) => results,
             Err(e) => {
                 log::debug!("symbolizing {}: {e:#}", readable_path.display());
@@ -63,7 +69,10 @@ impl Symbolizer {
             let symbol = match results.next() {
                 Some(Symbolized::Sym(sym)) => Symbol {
                     function: Some(sym.name.into_owned()),
-                    file: sym.code_info.as_ref().map(|c| c.to_path().display().to_string()),
+                    file: sym
+                        .code_info
+                        .as_ref()
+                        .map(|c| c.to_path().display().to_string()),
                     line: sym.code_info.as_ref().and_then(|c| c.line),
                 },
                 _ => Symbol::default(),
@@ -86,7 +95,11 @@ mod tests {
     #[test]
     fn resolves_a_libc_function_by_file_offset() {
         let libc = own_libc().unwrap();
-        let malloc = ElfFile::open(&libc).unwrap().function("malloc").unwrap().clone();
+        let malloc = ElfFile::open(&libc)
+            .unwrap()
+            .function("malloc")
+            .unwrap()
+            .clone();
         let mut symbolizer = Symbolizer::new();
         symbolizer.resolve(&libc, &libc, &[malloc.file_offset + 1]);
         let symbol = symbolizer.get(&libc, malloc.file_offset + 1).unwrap();

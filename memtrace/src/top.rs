@@ -58,14 +58,22 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
 
     // Everything that can be checked about the target is checked before loading BPF.
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
-        (Some(pid), None) => (Traced::Running { pid: *pid }, libc_of_running(*pid)?, process::command_line(*pid)),
+        (Some(pid), None) => (
+            Traced::Running { pid: *pid },
+            libc_of_running(*pid)?,
+            process::command_line(*pid),
+        ),
         (None, Some((program, rest))) => {
             let program = process::find_program(program)?;
             launch::check_runnable(&program)?;
             let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
             // Not from /proc: the child has not exec'd yet.
             let command = args.command.join(" ");
-            (Traced::Child(TracedChild::spawn(&program, rest)?), libc, command)
+            (
+                Traced::Child(TracedChild::spawn(&program, rest)?),
+                libc,
+                command,
+            )
         }
         _ => bail!("give either --pid PID or a command after `--`"),
     };
@@ -73,16 +81,33 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
 
     let mut tracer = Tracer::load(&options)?;
     let readable_libc = process::in_root(pid, &libc);
-    let attached = tracer.attach_libc(pid, if readable_libc.exists() { &readable_libc } else { &libc });
+    // A running target's memory map is read before it is told (by our "attached" line)
+    // that it is traced: it may exit right after, and its stacks must still resolve.
+    let mut resolver = Resolver::new(pid);
+    if let Traced::Running { .. } = traced {
+        resolver.refresh_map();
+    }
+    let attached = tracer.attach_libc(
+        pid,
+        if readable_libc.exists() {
+            &readable_libc
+        } else {
+            &libc
+        },
+    );
     let summary = match attached {
         Ok(summary) => summary,
         Err(e) if !process::exists(pid) => {
             // It left while we attached: say so, and show whatever was counted.
-            let mut resolver = Resolver::new(pid);
             let tgids = HashSet::from([pid]);
             let snapshot = tracer.snapshot(&tgids)?;
             resolver.learn(&snapshot);
-            let report = resolver.report(&snapshot, Target { pid, command }, 0.0, options.sample_bytes);
+            let report = resolver.report(
+                &snapshot,
+                Target { pid, command },
+                0.0,
+                options.sample_bytes,
+            );
             print_final(&args, &report)?;
             return Err(e.context(format!("process {pid} exited while memtrace was attaching")));
         }
@@ -95,14 +120,25 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         libc.display(),
     );
     if !summary.missing.is_empty() {
-        log::info!("{} lacks {}: not traced", libc.display(), summary.missing.join(", "));
+        log::info!(
+            "{} lacks {}: not traced",
+            libc.display(),
+            summary.missing.join(", ")
+        );
     }
 
     install_interrupt_handler();
     if let Traced::Child(child) = &traced {
         child.resume();
     }
-    trace(&args, &mut tracer, traced, command, options.sample_bytes)
+    trace(
+        &args,
+        &mut tracer,
+        resolver,
+        traced,
+        command,
+        options.sample_bytes,
+    )
 }
 
 /// The libc a running process has mapped, or a clear reason why there is none.
@@ -115,11 +151,18 @@ fn libc_of_running(pid: u32) -> Result<PathBuf> {
         return Ok(libc.to_owned());
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let is_static = ElfFile::open(&process::in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
+    let is_static =
+        ElfFile::open(&process::in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
     if is_static {
-        bail!("PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator", exe.display());
+        bail!(
+            "PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator",
+            exe.display()
+        );
     }
-    bail!("PID {pid} ({}) has no C library mapped: nothing for memtrace to trace", exe.display())
+    bail!(
+        "PID {pid} ({}) has no C library mapped: nothing for memtrace to trace",
+        exe.display()
+    )
 }
 
 fn install_interrupt_handler() {
@@ -129,7 +172,10 @@ fn install_interrupt_handler() {
         nix::sys::signal::SaFlags::SA_RESTART,
         nix::sys::signal::SigSet::empty(),
     );
-    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         // SAFETY: the handler only stores to an atomic.
         let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
     }
@@ -137,15 +183,20 @@ fn install_interrupt_handler() {
 
 /// Reads the maps every interval until the target exits, the duration passes or the user
 /// interrupts; prints the live table as it goes and the final report at the end.
-fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, sample_bytes: u64) -> Result<ExitCode> {
+fn trace(
+    args: &TopArgs,
+    tracer: &mut Tracer,
+    mut resolver: Resolver,
+    traced: Traced,
+    command: String,
+    sample_bytes: u64,
+) -> Result<ExitCode> {
     let pid = traced.pid();
     let tgids = HashSet::from([pid]);
-    let mut resolver = Resolver::new(pid);
-    if let Traced::Running { .. } = traced {
-        resolver.refresh_map();
-    }
     let started = Instant::now();
-    let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
+    let deadline = args
+        .duration
+        .map(|secs| started + Duration::from_secs_f64(secs));
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
     let live = args.format == Format::Table && std::io::stdout().is_terminal();
     let mut next_refresh = started + interval;
@@ -164,7 +215,10 @@ fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, s
                     child.resume();
                 }
                 Ok(ChildEvent::Exited(code)) => {
-                    exit_note = Some(format!("{command} exited ({})", launch::describe_exit(code)));
+                    exit_note = Some(format!(
+                        "{command} exited ({})",
+                        launch::describe_exit(code)
+                    ));
                     break;
                 }
                 Ok(ChildEvent::Failed(e)) => bail!("tracing the command failed: {e}"),
@@ -184,8 +238,16 @@ fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, s
             let snapshot = tracer.snapshot(&tgids)?;
             resolver.learn(&snapshot);
             if args.format == Format::Table {
-                let target = Target { pid, command: command.clone() };
-                let report = resolver.report(&snapshot, target, started.elapsed().as_secs_f64(), sample_bytes);
+                let target = Target {
+                    pid,
+                    command: command.clone(),
+                };
+                let report = resolver.report(
+                    &snapshot,
+                    target,
+                    started.elapsed().as_secs_f64(),
+                    sample_bytes,
+                );
                 let mut out = std::io::stdout().lock();
                 if live {
                     write!(out, "\x1b[H\x1b[2J")?;
@@ -197,7 +259,12 @@ fn trace(args: &TopArgs, tracer: &mut Tracer, traced: Traced, command: String, s
 
     let snapshot = tracer.snapshot(&tgids)?;
     resolver.learn(&snapshot);
-    let report = resolver.report(&snapshot, Target { pid, command }, started.elapsed().as_secs_f64(), sample_bytes);
+    let report = resolver.report(
+        &snapshot,
+        Target { pid, command },
+        started.elapsed().as_secs_f64(),
+        sample_bytes,
+    );
     if let Some(note) = exit_note {
         eprintln!("memtrace: {note}");
     }

@@ -34,8 +34,18 @@ struct ProbeSpec {
     required: bool,
 }
 
-const fn probe(symbol: &'static str, entry: &'static str, returns: bool, required: bool) -> ProbeSpec {
-    ProbeSpec { symbol, entry, returns, required }
+const fn probe(
+    symbol: &'static str,
+    entry: &'static str,
+    returns: bool,
+    required: bool,
+) -> ProbeSpec {
+    ProbeSpec {
+        symbol,
+        entry,
+        returns,
+        required,
+    }
 }
 
 /// libc's allocator, in the order probes are attached (aliases keep the first name).
@@ -76,7 +86,11 @@ pub struct TracerOptions {
 
 impl Default for TracerOptions {
     fn default() -> Self {
-        Self { sample_bytes: 1, max_allocations: capacity::ALLOCS, max_stacks: capacity::STACKS }
+        Self {
+            sample_bytes: 1,
+            max_allocations: capacity::ALLOCS,
+            max_stacks: capacity::STACKS,
+        }
     }
 }
 
@@ -140,7 +154,11 @@ impl Tracer {
             .map_max_entries(maps::STACKS, options.max_stacks)
             .load(BPF_OBJECT)
             .map_err(|e| explain_load_error(e.into()))?;
-        Ok(Self { ebpf, stack_cache: HashMap::new(), loaded: HashSet::new() })
+        Ok(Self {
+            ebpf,
+            stack_cache: HashMap::new(),
+            loaded: HashSet::new(),
+        })
     }
 
     /// Attaches the allocator probes to `libc` (a path readable from here), firing only
@@ -150,7 +168,12 @@ impl Tracer {
     }
 
     /// [`Tracer::attach_libc`], choosing which programs run at each spot.
-    pub fn attach_libc_programs(&mut self, pid: u32, libc: &Path, programs: Programs) -> Result<AttachSummary> {
+    pub fn attach_libc_programs(
+        &mut self,
+        pid: u32,
+        libc: &Path,
+        programs: Programs,
+    ) -> Result<AttachSummary> {
         let elf = ElfFile::open(libc)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
         let mut summary = AttachSummary::default();
@@ -158,7 +181,11 @@ impl Tracer {
         for spec in LIBC_PROBES {
             let Some(function) = elf.function(spec.symbol) else {
                 if spec.required {
-                    bail!("{} has no `{}`: not a C library memtrace knows", libc.display(), spec.symbol);
+                    bail!(
+                        "{} has no `{}`: not a C library memtrace knows",
+                        libc.display(),
+                        spec.symbol
+                    );
                 }
                 summary.missing.push(spec.symbol);
                 continue;
@@ -195,7 +222,13 @@ impl Tracer {
         Ok(summary)
     }
 
-    fn attach_program(&mut self, name: &'static str, offset: u64, target: &Path, scope: UProbeScope) -> Result<()> {
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        offset: u64,
+        target: &Path,
+        scope: UProbeScope,
+    ) -> Result<()> {
         let program: &mut UProbe = self
             .ebpf
             .program_mut(name)
@@ -211,7 +244,8 @@ impl Tracer {
     /// Reads every map into a [`Snapshot`], keeping only processes in `tgids`.
     pub fn snapshot(&mut self, tgids: &HashSet<u32>) -> Result<Snapshot> {
         let mut snapshot = Snapshot::default();
-        let usage: BpfHashMap<&MapData, UsageKey, Usage> = BpfHashMap::try_from(self.map(maps::USAGE)?)?;
+        let usage: BpfHashMap<&MapData, UsageKey, Usage> =
+            BpfHashMap::try_from(self.map(maps::USAGE)?)?;
         let mut entries = Vec::new();
         for item in usage.iter() {
             let (key, value) = item.context("reading USAGE")?;
@@ -237,7 +271,11 @@ impl Tracer {
                 self.stack_cache.insert(key.stack_id, frames.clone());
                 frames
             };
-            snapshot.stacks.push(StackUsage { key, usage: value, kernel_frames });
+            snapshot.stacks.push(StackUsage {
+                key,
+                usage: value,
+                kernel_frames,
+            });
         }
 
         let totals: BpfHashMap<&MapData, ProcessKey, ProcessTotals> =
@@ -249,7 +287,8 @@ impl Tracer {
             }
         }
 
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
         for counter in Counter::ALL {
             let per_cpu = counters.get(&(counter as u32), 0)?;
             snapshot.counters[counter as usize] = per_cpu.iter().sum();
@@ -258,14 +297,19 @@ impl Tracer {
     }
 
     fn map(&self, name: &str) -> Result<&aya::maps::Map> {
-        self.ebpf.map(name).with_context(|| format!("the BPF object has no map {name}"))
+        self.ebpf
+            .map(name)
+            .with_context(|| format!("the BPF object has no map {name}"))
     }
 }
 
 /// Turns a permission failure into the one line a user needs.
 fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
     let text = format!("{error:#}");
-    if text.contains("Operation not permitted") || text.contains("EPERM") || text.contains("os error 1)") {
+    if text.contains("Operation not permitted")
+        || text.contains("EPERM")
+        || text.contains("os error 1)")
+    {
         return error.context(
             "the kernel refused to load BPF programs: memtrace needs root, or CAP_BPF, \
              CAP_PERFMON and CAP_SYS_RESOURCE",
@@ -276,10 +320,16 @@ fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

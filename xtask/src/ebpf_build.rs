@@ -22,20 +22,37 @@ pub fn object_path(root: &Path) -> PathBuf {
 pub fn command(root: &Path) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.current_dir(root)
-        .args(["run", "nightly", "cargo", "build", "--release", "--package", "memtrace-ebpf"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--package",
+            "memtrace-ebpf",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(target_dir(root));
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
-        if key.starts_with("CARGO") || key.starts_with("RUSTC") || key == "RUSTUP_TOOLCHAIN" || key == "RUSTFLAGS" {
+        if key.starts_with("CARGO")
+            || key.starts_with("RUSTC")
+            || key == "RUSTUP_TOOLCHAIN"
+            || key == "RUSTFLAGS"
+        {
             cmd.env_remove(key.as_ref());
         }
     }
     // --btf keeps BTF for the maps; x86_64 selects pt_regs' layout in aya-ebpf.
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\u{1f}"),
+        [
+            "--cfg=bpf_target_arch=\"x86_64\"",
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+        ]
+        .join("\u{1f}"),
     );
     cmd
 }

@@ -49,7 +49,10 @@ fn run(task: Task) -> Result<()> {
         Task::BuildEbpf => {
             ensure_bpf_toolchain()?;
             run_cmd(&mut ebpf_build::command(&root))?;
-            println!("xtask: BPF object at {}", ebpf_build::object_path(&root).display());
+            println!(
+                "xtask: BPF object at {}",
+                ebpf_build::object_path(&root).display()
+            );
         }
         Task::Demo => {
             ensure_bpf_toolchain()?;
@@ -58,7 +61,11 @@ fn run(task: Task) -> Result<()> {
             compile_c(&root.join("tests/fixtures/demo.c"), &demo)?;
             let memtrace = root.join("target/release/memtrace");
             println!("xtask: running: memtrace top -- {}", demo.display());
-            run_cmd(Command::new(memtrace).args(["top", "--interval", "60", "--"]).arg(&demo))?;
+            run_cmd(
+                Command::new(memtrace)
+                    .args(["top", "--interval", "60", "--"])
+                    .arg(&demo),
+            )?;
         }
         Task::Test => {
             ensure_bpf_toolchain()?;
@@ -67,7 +74,15 @@ fn run(task: Task) -> Result<()> {
             // BPF and fixture processes share kernel state: one test at a time.
             run_cmd(
                 cargo(&root)
-                    .args(["test", "--workspace", "--exclude", "memtrace-ebpf", "--", "--test-threads=1"])
+                    .args([
+                        "test",
+                        "--workspace",
+                        "--exclude",
+                        "memtrace-ebpf",
+                        "--no-fail-fast",
+                        "--",
+                        "--test-threads=1",
+                    ])
                     .env("MEMTRACE_BIN", root.join("target/debug/memtrace")),
             )?;
         }
@@ -80,7 +95,10 @@ fn run(task: Task) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo(root: &Path) -> Command {
@@ -109,13 +127,26 @@ fn succeeds(cmd: &mut Command) -> bool {
 fn ensure_bpf_toolchain() -> Result<()> {
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         println!("xtask: installing the nightly toolchain");
-        run_cmd(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run_cmd(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let sysroot = PathBuf::from(sysroot.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         println!("xtask: installing rust-src for nightly");
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if !succeeds(Command::new("bpf-linker").arg("--version")) {
         let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
@@ -128,16 +159,20 @@ fn ensure_bpf_toolchain() -> Result<()> {
         let lib = sysroot.join("lib");
         let libllvm = std::fs::read_dir(&lib)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with("libLLVM.so.") && n.ends_with("-nightly")
-            }))
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("libLLVM.so.") && n.ends_with("-nightly")
+                })
+            })
             .with_context(|| format!("no libLLVM.so.*-nightly in {}", lib.display()))?;
         let link = lib.join("libLLVM.so");
         if !link.exists() {
             std::os::unix::fs::symlink(&libllvm, &link)?;
         }
-        println!("xtask: installing bpf-linker against nightly's LLVM {llvm_major} (about a minute)");
+        println!(
+            "xtask: installing bpf-linker against nightly's LLVM {llvm_major} (about a minute)"
+        );
         run_cmd(
             Command::new("cargo")
                 .args(["install", "bpf-linker", "--locked", "--no-default-features"])
