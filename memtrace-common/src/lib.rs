@@ -181,6 +181,11 @@ pub struct Usage {
     /// Allocations made, in 1/[`COUNT_SCALE`] units.
     pub allocated_count: u64,
     pub freed_bytes: u64,
+    /// Live sampled blocks of this stack (not scaled), and the sum of their allocation
+    /// times in ms: together the mean age of what stays live, in O(1). It keeps growing
+    /// for a leak (old blocks stay) and stays flat for churn.
+    pub live_blocks: u64,
+    pub live_time_ms_sum: u64,
 }
 
 /// Exact totals are kept per cgroup and process.
@@ -243,7 +248,7 @@ const _: () = {
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<UsageKey>() == 24);
     assert!(core::mem::size_of::<AllocInfo>() == 56);
-    assert!(core::mem::size_of::<Usage>() == 40);
+    assert!(core::mem::size_of::<Usage>() == 56);
     assert!(core::mem::size_of::<ProcessKey>() == 16);
     assert!(core::mem::size_of::<ProcessTotals>() == 48);
     assert!(core::mem::size_of::<ThreadState>() == 8 + 56 + 8 + 8 + 56 + 8);

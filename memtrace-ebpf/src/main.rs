@@ -227,6 +227,7 @@ fn account_alloc(info: &AllocInfo) {
         add(&mut usage.allocated_count, info.weight_count);
         add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
         add_signed(&mut usage.outstanding_count, info.weight_count as i64);
+        add_live(usage, info, 1);
     }
 }
 
@@ -259,7 +260,23 @@ fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
             &mut usage.outstanding_count,
             (pieces_left - 1) * info.weight_count as i64,
         );
+        add_live(usage, info, pieces_left - 1);
     }
+}
+
+/// Adds `blocks` (negative to remove) live blocks allocated at `info`'s time to the
+/// mean-age accumulators of its stack.
+#[inline(always)]
+fn add_live(usage: &mut Usage, info: &AllocInfo, blocks: i64) {
+    let ms = (info.timestamp_ns / 1_000_000) as i64;
+    add_signed(as_signed(&mut usage.live_blocks), blocks);
+    add_signed(as_signed(&mut usage.live_time_ms_sum), blocks * ms);
+}
+
+#[inline(always)]
+fn as_signed(field: &mut u64) -> &mut i64 {
+    // SAFETY: same size and alignment; two's complement wrapping is what we want.
+    unsafe { &mut *(field as *mut u64 as *mut i64) }
 }
 
 /// A free of an address memtrace never saw allocated: counted, never ignored.
@@ -542,6 +559,7 @@ fn unfree(info: &AllocInfo) {
         );
         add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
         add_signed(&mut usage.outstanding_count, info.weight_count as i64);
+        add_live(usage, info, 1);
     }
 }
 

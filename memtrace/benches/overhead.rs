@@ -17,7 +17,7 @@
 //! Before each traced mode is measured, a check proves its probes fire in this process, so
 //! probes that attach to nothing fail the run instead of printing a plausible table.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::File,
     hint::black_box,
     io::Read,
@@ -40,7 +40,7 @@ const MIN_SIZE: usize = 16;
 const MAX_SIZE: usize = 272;
 const SIZE_STEP: usize = 16;
 /// Pairs made by each probe check; the check wants to see at least this many events.
-const CHECK_PAIRS: u64 = 1000;
+const CHECK_PAIRS: u64 = 10_000;
 /// The sampled mode's rate: each byte sampled with probability 1/4096.
 const SAMPLED_BYTES: u64 = 4096;
 /// How long bpftrace may take to start and to show its probes firing.
@@ -106,16 +106,21 @@ fn bench_modes(c: &mut Criterion) {
     group.bench_function("untraced", |b| b.iter(|| workload.pair()));
 
     {
-        let noop_before = program_ids(NOOP_PROGRAMS);
+        let before = loaded_program_ids();
         let tracer = attach(pid, &libc, 1, Programs::Noop);
-        check_noop_fires(&noop_before, &mut workload);
+        let ours = &loaded_program_ids() - &before;
+        check_noop_fires(&ours, &mut workload);
         group.bench_function("bare_floor", |b| b.iter(|| workload.pair()));
         drop(tracer);
     }
 
     for (name, sample_bytes) in [("memtrace_exact", 1), ("memtrace_sampled", SAMPLED_BYTES)] {
+        let before = loaded_program_ids();
         let mut tracer = attach(pid, &libc, sample_bytes, Programs::Memtrace);
+        let ours = &loaded_program_ids() - &before;
         check_memtrace_counts(name, &mut tracer, pid, &mut workload);
+        let programs = program_runs(name, &ours, &mut workload, CHECK_PAIRS);
+        report_program_time(name, &programs, CHECK_PAIRS);
         group.bench_function(name, |b| b.iter(|| workload.pair()));
         drop(tracer);
     }
@@ -187,77 +192,101 @@ fn check_memtrace_counts(name: &str, tracer: &mut Tracer, pid: u32, workload: &m
     );
 }
 
-const NOOP_PROGRAMS: &[&str] = &["noop_enter", "noop_exit"];
-
-/// IDs of the loaded BPF programs with one of `names`, on the whole host.
-fn program_ids(names: &[&str]) -> HashSet<u32> {
+/// IDs of every BPF program loaded on the host.
+fn loaded_program_ids() -> HashSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(|info| info.ok())
-        .filter(|info| info.name_as_str().is_some_and(|name| names.contains(&name)))
         .map(|info| info.id())
         .collect()
 }
 
-/// Run counts of each program in `ids`.
-fn run_counts(ids: &HashSet<u32>) -> Vec<(String, u64)> {
-    let mut counts: Vec<(String, u64)> = aya::programs::loaded_programs()
-        .filter_map(|info| info.ok())
-        .filter(|info| ids.contains(&info.id()))
-        .map(|info| {
-            (
-                info.name_as_str().unwrap_or("?").to_owned(),
-                info.run_count(),
-            )
-        })
-        .collect();
-    counts.sort();
-    counts
+/// How often, and how long, the BPF programs of one name ran.
+struct ProgramRuns {
+    name: String,
+    runs: u64,
+    time: Duration,
 }
 
-/// The empty programs record nothing, so the kernel's run counts (enabled only for the
-/// check) must show each of them ran once per pair; and the kernel must have mapped the
-/// `[uprobes]` area into this process, which it does when a uprobe first fires here.
-fn check_noop_fires(noop_before: &HashSet<u32>, workload: &mut Workload) {
-    let ours: HashSet<u32> = program_ids(NOOP_PROGRAMS)
-        .difference(noop_before)
-        .copied()
-        .collect();
-    assert!(
-        !ours.is_empty(),
-        "bare_floor: no noop_enter/noop_exit program was loaded"
-    );
+/// Runs and run time of the programs in `ids` (grouped by name) over `pairs` pairs, from
+/// the kernel's BPF statistics, enabled only meanwhile (they cost time themselves).
+fn program_runs(
+    mode: &str,
+    ids: &HashSet<u32>,
+    workload: &mut Workload,
+    pairs: u64,
+) -> Vec<ProgramRuns> {
+    let read = || -> HashMap<u32, (String, u64, Duration)> {
+        aya::programs::loaded_programs()
+            .filter_map(|info| info.ok())
+            .filter(|info| ids.contains(&info.id()))
+            .map(|info| {
+                let name = info.name_as_str().unwrap_or("?").to_owned();
+                (info.id(), (name, info.run_count(), info.run_time()))
+            })
+            .collect()
+    };
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .unwrap_or_else(|e| panic!("bare_floor: enabling BPF run counts for the probe check: {e}"));
-    let before = run_counts(&ours);
-    workload.pairs(CHECK_PAIRS);
-    let after = run_counts(&ours);
+        .unwrap_or_else(|e| panic!("{mode}: enabling BPF run statistics for the probe check: {e}"));
+    let before = read();
+    workload.pairs(pairs);
+    let after = read();
     drop(stats);
-    let ran: Vec<(String, u64)> = after
+    let mut by_name: Vec<ProgramRuns> = Vec::new();
+    for (id, (name, runs, time)) in after {
+        let (runs_before, time_before) = before
+            .get(&id)
+            .map_or((0, Duration::ZERO), |(_, r, t)| (*r, *t));
+        let runs = runs - runs_before;
+        let time = time.saturating_sub(time_before);
+        match by_name.iter_mut().find(|p| p.name == name) {
+            Some(program) => {
+                program.runs += runs;
+                program.time += time;
+            }
+            None => by_name.push(ProgramRuns { name, runs, time }),
+        }
+    }
+    by_name.retain(|p| p.runs > 0);
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    by_name
+}
+
+/// Prints where the BPF side of a mode's cost goes; the rest of a traced pair is the traps.
+fn report_program_time(mode: &str, programs: &[ProgramRuns], pairs: u64) {
+    let per_pair = |time: Duration| time.as_nanos() as f64 / pairs as f64;
+    let parts: Vec<String> = programs
         .iter()
-        .map(|(name, n)| {
-            let was = before
-                .iter()
-                .find(|(b, _)| b == name)
-                .map_or(0, |(_, n)| *n);
-            (name.clone(), n - was)
-        })
+        .map(|p| format!("{} {:.0} ns ({} runs)", p.name, per_pair(p.time), p.runs))
         .collect();
-    for program in NOOP_PROGRAMS {
-        let runs = ran
+    let total: Duration = programs.iter().map(|p| p.time).sum();
+    eprintln!(
+        "{mode}: BPF program time per pair, over {pairs} pairs: {:.0} ns in all: {}",
+        per_pair(total),
+        parts.join(", ")
+    );
+}
+
+/// The empty programs record nothing, so the kernel's run counts must show each of them
+/// ran once per pair; and the kernel must have mapped the `[uprobes]` area into this
+/// process, which it does when a uprobe first fires here.
+fn check_noop_fires(ours: &HashSet<u32>, workload: &mut Workload) {
+    let programs = program_runs("bare_floor", ours, workload, CHECK_PAIRS);
+    for name in ["noop_enter", "noop_exit"] {
+        let runs = programs
             .iter()
-            .filter(|(name, _)| name == program)
-            .map(|(_, n)| n)
-            .sum::<u64>();
+            .find(|p| p.name == name)
+            .map_or(0, |p| p.runs);
         assert!(
             runs >= CHECK_PAIRS,
             "bare_floor: the empty probes do not fire in this process: {CHECK_PAIRS} mallocs \
-             made, {program} ran {runs} times"
+             made, {name} ran {runs} times"
         );
     }
     assert!(
         uprobes_area_mapped(),
         "bare_floor: no [uprobes] mapping in this process after probes fired"
     );
+    report_program_time("bare_floor", &programs, CHECK_PAIRS);
 }
 
 fn uprobes_area_mapped() -> bool {

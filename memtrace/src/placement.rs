@@ -44,6 +44,13 @@ pub fn place(code: &[u8]) -> Placement {
         if instruction.is_invalid() {
             return fallback;
         }
+        if instruction.is_jcc_short_or_near()
+            && returns_at_once(code, instruction.near_branch_target())
+        {
+            // An early return with nothing done (free(NULL)): calls that take it do no
+            // work worth seeing, so the probe may sit past it, on the path that works.
+            continue;
+        }
         if is_emulated(&instruction) {
             return Placement {
                 offset: instruction.ip(),
@@ -55,6 +62,15 @@ pub fn place(code: &[u8]) -> Placement {
         }
     }
     fallback
+}
+
+/// Whether the instruction at `target` is a return.
+fn returns_at_once(code: &[u8], target: u64) -> bool {
+    let Some(bytes) = usize::try_from(target).ok().and_then(|t| code.get(t..)) else {
+        return false;
+    };
+    let mut decoder = Decoder::with_ip(64, bytes, target, DecoderOptions::NONE);
+    decoder.can_decode() && decoder.decode().flow_control() == FlowControl::Return
 }
 
 /// Instructions the x86 uprobe code emulates instead of single-stepping
@@ -121,10 +137,21 @@ mod tests {
     }
 
     #[test]
-    fn free_moves_past_the_null_test_onto_the_branch() {
-        // glibc 2.36 free: test %rdi,%rdi; je rel32; push %rbp
-        let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0xbf, 0x00, 0x00, 0x00, 0x55];
-        assert_eq!(place(&code), at(3));
+    fn free_moves_past_the_null_return_onto_the_push() {
+        // glibc 2.36 free: test %rdi,%rdi; je +0x10 (to a ret); push %rbp; ...
+        let mut code = vec![0x48, 0x85, 0xff, 0x0f, 0x84, 0x10, 0x00, 0x00, 0x00, 0x55];
+        code.resize(0x19, 0x90);
+        code.push(0xc3); // ret at 9 + 0x10
+        assert_eq!(place(&code), at(9));
+    }
+
+    #[test]
+    fn a_branch_to_real_work_is_probed_itself() {
+        // aligned_alloc: cmpb $0,(rip); je +7 (to `sub $0x18,%rsp`, real work)
+        let mut code = vec![0x80, 0x3d, 0x71, 0x0e, 0x14, 0x00, 0x00, 0x74, 0x07];
+        code.resize(0x10, 0x90);
+        code.extend([0x48, 0x83, 0xec, 0x18]);
+        assert_eq!(place(&code), at(7));
     }
 
     #[test]

@@ -194,13 +194,17 @@ impl Tracer {
                 summary.aliases.push(spec.symbol);
                 continue;
             }
-            let placed = placement::place(elf.code(function, 64));
-            if !placed.emulated {
-                log::debug!(
-                    "{}: no emulated instruction in its prologue, probing offset 0 (slower)",
-                    spec.symbol
-                );
-            }
+            let placed = placement::place(elf.code(function, 4096));
+            log::debug!(
+                "{}: probe at +{} ({})",
+                spec.symbol,
+                placed.offset,
+                if placed.emulated {
+                    "emulated"
+                } else {
+                    "no emulated instruction in its prologue: single-stepped, slower"
+                }
+            );
             let offset = function.file_offset + placed.offset;
             let (entry, exit) = match programs {
                 Programs::Memtrace => (spec.entry, EXIT_PROGRAM),

@@ -1,5 +1,274 @@
-use std::path::Path;
+//! `cargo xtask bench`: runs the overhead benchmark (`memtrace/benches/overhead.rs`,
+//! criterion) and prints its modes side by side, from one run, as a table; the same table
+//! goes to `target/bench-overhead.md` for the README.
+//!
+//! Speed is measured, not asserted: a missed target is reported, never an error.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, SystemTime},
+};
 
-pub fn run(_root: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the benchmark is not written yet")
+use anyhow::{Context, Result, bail};
+
+const GROUP: &str = "malloc_free_pair";
+/// The benchmark's functions, in the order it measures them.
+const MODES: &[&str] = &[
+    "untraced",
+    "bare_floor",
+    "memtrace_exact",
+    "memtrace_sampled",
+    "bpftrace_memleak",
+];
+const FLOOR: &str = "bare_floor";
+const EXACT: &str = "memtrace_exact";
+/// memtrace exact may cost at most this many times the bare uprobe + uretprobe floor.
+const TARGET_RATIO: f64 = 1.3;
+
+pub fn run(root: &Path) -> Result<()> {
+    ensure_bpftrace()?;
+    let target_dir = target_dir(root);
+    let criterion_dir = target_dir.join("criterion");
+    // Results older than this run are not this run's: they must not fill the table.
+    let started = SystemTime::now() - Duration::from_secs(1);
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["bench", "-p", "memtrace", "--bench", "overhead"])
+        .current_dir(root)
+        .env("CRITERION_HOME", &criterion_dir)
+        .status()
+        .context("running cargo bench")?;
+    if !status.success() {
+        bail!("cargo bench -p memtrace --bench overhead failed: {status}");
+    }
+
+    let mut rows = Vec::new();
+    for mode in MODES {
+        let path = criterion_dir
+            .join(GROUP)
+            .join(mode)
+            .join("new/estimates.json");
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("{mode}: no criterion result at {}", path.display()))?;
+        if modified < started {
+            bail!(
+                "{mode}: {} is from an earlier run; this run did not measure it",
+                path.display()
+            );
+        }
+        let json = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mean = Mean::parse(&json)
+            .with_context(|| format!("reading the mean from {}", path.display()))?;
+        rows.push((*mode, mean));
+    }
+    let floor = rows
+        .iter()
+        .find(|(m, _)| *m == FLOOR)
+        .map(|(_, mean)| mean.point_ns)
+        .expect("floor measured");
+    let exact = rows
+        .iter()
+        .find(|(m, _)| *m == EXACT)
+        .map(|(_, mean)| mean.point_ns)
+        .expect("exact measured");
+
+    let mut table = String::new();
+    writeln!(
+        table,
+        "| mode | per pair (µs) | 95% CI (µs) | vs bare floor |"
+    )?;
+    writeln!(table, "| --- | ---: | ---: | ---: |")?;
+    for (mode, mean) in &rows {
+        writeln!(
+            table,
+            "| {mode} | {} | {}–{} | {} |",
+            micros(mean.point_ns),
+            micros(mean.lower_ns),
+            micros(mean.upper_ns),
+            ratio(mean.point_ns / floor)
+        )?;
+    }
+    let exact_ratio = exact / floor;
+    let verdict = if exact_ratio <= TARGET_RATIO {
+        "target met"
+    } else {
+        "target missed"
+    };
+    let summary = format!(
+        "memtrace exact costs {} the bare uprobe+uretprobe floor per malloc+free pair \
+         (target ≤ {TARGET_RATIO}×): {verdict}.",
+        ratio(exact_ratio)
+    );
+    let machine = machine();
+
+    println!();
+    println!("Overhead per malloc+free pair ({machine}):");
+    println!();
+    print!("{table}");
+    println!();
+    println!("{summary}");
+
+    let markdown = format!(
+        "Overhead per `malloc` + `free` pair (16–272 bytes), all modes measured in one run of \
+         `cargo xtask bench` ({machine}):\n\n{table}\n{summary}\n"
+    );
+    let report = target_dir.join("bench-overhead.md");
+    std::fs::write(&report, markdown).with_context(|| format!("writing {}", report.display()))?;
+    println!("xtask: table written to {}", report.display());
+    Ok(())
+}
+
+/// Installs Debian's bpftrace (the benchmark's comparison point) when it is not on PATH.
+fn ensure_bpftrace() -> Result<()> {
+    let found = Command::new("bpftrace")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Ok(());
+    }
+    println!("xtask: installing bpftrace (the benchmark compares memtrace with it)");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "bpftrace"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let updated = Command::new("apt-get")
+            .arg("update")
+            .status()
+            .context("running apt-get update")?;
+        if !updated.success() {
+            bail!("apt-get update failed: {updated}");
+        }
+        if !install() {
+            bail!("apt-get install bpftrace failed");
+        }
+    }
+    Ok(())
+}
+
+/// Where cargo (and so criterion) writes: `$CARGO_TARGET_DIR`, else `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// Criterion's estimate of the mean time of one iteration, in ns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Mean {
+    point_ns: f64,
+    lower_ns: f64,
+    upper_ns: f64,
+}
+
+impl Mean {
+    /// Reads `mean` out of criterion's `estimates.json`:
+    /// `{"mean":{"confidence_interval":{"confidence_level":..,"lower_bound":..,
+    /// "upper_bound":..},"point_estimate":..,"standard_error":..},"median":{..},..}`.
+    fn parse(json: &str) -> Result<Self> {
+        let start = json.find("\"mean\"").context("no \"mean\"")?;
+        // The mean's object ends at the second `}` (the first closes its confidence interval).
+        let body = &json[start..];
+        let end = body
+            .match_indices('}')
+            .nth(1)
+            .map(|(i, _)| i)
+            .context("unterminated \"mean\"")?;
+        let mean = &body[..end];
+        Ok(Self {
+            point_ns: number_after(mean, "point_estimate")?,
+            lower_ns: number_after(mean, "lower_bound")?,
+            upper_ns: number_after(mean, "upper_bound")?,
+        })
+    }
+}
+
+/// The number following `"key":` in `json`.
+fn number_after(json: &str, key: &str) -> Result<f64> {
+    let quoted = format!("\"{key}\"");
+    let at = json.find(&quoted).with_context(|| format!("no {quoted}"))?;
+    let rest = json[at + quoted.len()..].trim_start();
+    let rest = rest
+        .strip_prefix(':')
+        .with_context(|| format!("no value after {quoted}"))?
+        .trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .with_context(|| format!("{quoted} is not a number: {:?}", &rest[..end]))
+}
+
+fn micros(ns: f64) -> String {
+    format!("{:.3}", ns / 1000.0)
+}
+
+fn ratio(r: f64) -> String {
+    if r < 0.1 {
+        format!("{r:.3}×")
+    } else {
+        format!("{r:.2}×")
+    }
+}
+
+/// Kernel release and CPU model, which the numbers depend on most.
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .ok();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| {
+                    line.strip_prefix("model name")
+                        .and_then(|rest| rest.split_once(':'))
+                })
+                .map(|(_, model)| model.trim().to_owned())
+        });
+    let bpftrace = Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty());
+    [kernel.map(|k| format!("Linux {k}")), cpu, bpftrace]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_criterion_mean() {
+        let json = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":2044.5,"upper_bound":2126.8},"point_estimate":2083.8,"standard_error":21.0},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":1.5,"standard_error":0.1},"median_abs_dev":null,"slope":null,"std_dev":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":3e1,"standard_error":0.1}}"#;
+        let mean = Mean::parse(json).unwrap();
+        assert_eq!(
+            mean,
+            Mean {
+                point_ns: 2083.8,
+                lower_ns: 2044.5,
+                upper_ns: 2126.8
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_missing_mean() {
+        assert!(Mean::parse(r#"{"median":{"point_estimate":1.0}}"#).is_err());
+    }
 }
