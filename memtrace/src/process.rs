@@ -15,6 +15,14 @@ use procfs::{
 
 use crate::elf::ElfFile;
 
+/// A file as the kernel knows it: the same (device, inode) is the same file, whatever
+/// path each container sees it under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub device: (i32, i32),
+    pub inode: u64,
+}
+
 /// One file-backed executable mapping of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -24,6 +32,7 @@ pub struct Mapping {
     pub offset: u64,
     /// Path as the process sees it (inside its own root).
     pub path: PathBuf,
+    pub file: FileId,
 }
 
 /// The file-backed mappings of a process, as last read from `/proc/PID/maps`.
@@ -52,6 +61,10 @@ impl MemoryMap {
                     end: m.address.1,
                     offset: m.offset,
                     path: strip_deleted(path),
+                    file: FileId {
+                        device: m.dev,
+                        inode: m.inode,
+                    },
                 }),
                 _ => None,
             })
@@ -74,10 +87,10 @@ impl MemoryMap {
         (addr < mapping.end).then_some(mapping)
     }
 
-    /// `addr` as (file, offset in that file).
-    pub fn to_file_offset(&self, addr: u64) -> Option<(&Path, u64)> {
+    /// `addr` as (its mapping, offset in the mapped file).
+    pub fn to_file_offset(&self, addr: u64) -> Option<(&Mapping, u64)> {
         let mapping = self.find(addr)?;
-        Some((&mapping.path, addr - mapping.start + mapping.offset))
+        Some((mapping, addr - mapping.start + mapping.offset))
     }
 
     /// The first mapped file whose name looks like a C library.
@@ -223,8 +236,18 @@ mod tests {
             map.libc(),
             Some(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"))
         );
-        let (path, offset) = map.to_file_offset(0x55d0c0a01010).unwrap();
-        assert_eq!((path, offset), (Path::new("/usr/bin/leaky"), 0x1010));
+        let (mapping, offset) = map.to_file_offset(0x55d0c0a01010).unwrap();
+        assert_eq!(
+            (mapping.path.as_path(), offset),
+            (Path::new("/usr/bin/leaky"), 0x1010)
+        );
+        assert_eq!(
+            mapping.file,
+            FileId {
+                device: (0xfe, 1),
+                inode: 1234
+            }
+        );
         assert_eq!(
             map.find(0x7f1c2a500000).unwrap().path,
             Path::new("/tmp/my lib.so")

@@ -6,11 +6,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use memtrace_common::{COUNT_SCALE, Counter, UsageKey};
+use memtrace_common::{COUNT_SCALE, Counter, ProcessKey};
 use serde::Serialize;
 
 use crate::{
-    process::{self, MemoryMap},
+    process::{self, FileId, MemoryMap},
     symbolize::Symbolizer,
     tracer::{Snapshot, StackUsage},
 };
@@ -102,12 +102,11 @@ pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
     frames
 }
 
-/// Normalizes and symbolizes addresses of one process while it is alive, keeping its
-/// memory map so that a report written after exit still resolves.
+/// Normalizes addresses of one process against its memory map, kept from while it was
+/// alive so that stacks still resolve after it exits.
 pub struct Resolver {
     pid: u32,
     map: MemoryMap,
-    symbolizer: Symbolizer,
 }
 
 impl Resolver {
@@ -115,8 +114,11 @@ impl Resolver {
         Self {
             pid,
             map: MemoryMap::default(),
-            symbolizer: Symbolizer::new(),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// Re-reads the process's memory map now (kept as it was if the process is gone).
@@ -129,38 +131,60 @@ impl Resolver {
         }
     }
 
-    /// Resolves every address of `snapshot` that is not resolved yet. Re-reads the
-    /// process's memory map when an address falls outside it (a library loaded late).
-    pub fn learn(&mut self, snapshot: &Snapshot) {
-        let addresses: Vec<u64> = snapshot.stacks.iter().flat_map(return_addresses).collect();
+    /// Symbolizes every address of this process's `stacks` not resolved yet. Re-reads
+    /// the memory map when an address falls outside it (a library loaded late).
+    pub fn learn<'a>(
+        &mut self,
+        stacks: impl IntoIterator<Item = &'a StackUsage>,
+        symbolizer: &mut Symbolizer,
+    ) {
+        let addresses: Vec<u64> = stacks
+            .into_iter()
+            .filter(|s| s.key.tgid == self.pid)
+            .flat_map(return_addresses)
+            .collect();
         if self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()) {
             self.refresh_map();
         }
-        let mut by_file: HashMap<PathBuf, Vec<u64>> = HashMap::new();
+        let mut by_file: HashMap<FileId, (PathBuf, Vec<u64>)> = HashMap::new();
         for address in addresses {
-            if let Some((path, offset)) = self.map.to_file_offset(address.saturating_sub(1)) {
-                by_file.entry(path.to_owned()).or_default().push(offset);
+            if let Some((mapping, offset)) = self.map.to_file_offset(address.saturating_sub(1)) {
+                by_file
+                    .entry(mapping.file)
+                    .or_insert_with(|| (mapping.path.clone(), Vec::new()))
+                    .1
+                    .push(offset);
             }
         }
         let alive = process::exists(self.pid);
-        for (path, offsets) in by_file {
+        for (file, (path, offsets)) in by_file {
             let readable = if alive {
                 process::in_root(self.pid, &path)
             } else {
-                path.clone()
+                path
             };
-            self.symbolizer.resolve(&path, &readable, &offsets);
+            symbolizer.resolve(file, &readable, &offsets);
         }
     }
 
-    fn frame(&self, address: u64) -> Frame {
+    /// The stack's id and frames, innermost first, from what [`Resolver::learn`] resolved.
+    pub fn stack(&self, stack: &StackUsage, symbolizer: &Symbolizer) -> (String, Vec<Frame>) {
+        let addresses = return_addresses(stack);
+        let frames = addresses
+            .iter()
+            .map(|a| self.frame(*a, symbolizer))
+            .collect();
+        (self.stack_id(&addresses), frames)
+    }
+
+    fn frame(&self, address: u64, symbolizer: &Symbolizer) -> Frame {
         // Return addresses point after the call: symbolize the call instruction.
         let located = self.map.to_file_offset(address.saturating_sub(1));
-        let symbol = located.and_then(|(path, offset)| self.symbolizer.get(path, offset));
+        let symbol = located.and_then(|(mapping, offset)| symbolizer.get(mapping.file, offset));
         Frame {
             function: symbol.and_then(|s| s.function.clone()),
             module: located
-                .map(|(p, _)| p.display().to_string())
+                .map(|(mapping, _)| mapping.path.display().to_string())
                 .unwrap_or_else(|| "[unknown]".into()),
             file: symbol.and_then(|s| s.file.clone()),
             line: symbol.and_then(|s| s.line),
@@ -173,7 +197,8 @@ impl Resolver {
     }
 
     fn stack_id(&self, addresses: &[u64]) -> String {
-        // FNV-1a over (file, offset) of each frame: the same code gives the same id.
+        // FNV-1a over (file, offset) of each frame: the same code gives the same id, in
+        // every process and every run.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let mut mix = |bytes: &[u8]| {
             for byte in bytes {
@@ -182,8 +207,8 @@ impl Resolver {
         };
         for address in addresses {
             match self.map.to_file_offset(*address) {
-                Some((path, offset)) => {
-                    mix(path.as_os_str().as_encoded_bytes());
+                Some((mapping, offset)) => {
+                    mix(mapping.path.as_os_str().as_encoded_bytes());
                     mix(&offset.to_le_bytes());
                 }
                 None => mix(&address.to_le_bytes()),
@@ -191,80 +216,82 @@ impl Resolver {
         }
         format!("{hash:016x}")
     }
+}
 
-    /// Builds the report of `snapshot` (already passed through [`Resolver::learn`]).
-    pub fn report(
-        &self,
-        snapshot: &Snapshot,
-        target: Target,
-        duration_secs: f64,
-        sample_bytes: u64,
-    ) -> Report {
-        // One process may have allocated from several cgroups: merge per stack.
-        let mut merged: HashMap<(u32, u64), (UsageKey, memtrace_common::Usage, &StackUsage)> =
-            HashMap::new();
-        for stack in &snapshot.stacks {
-            let entry = merged
-                .entry((stack.key.stack_id, stack.key.caller))
-                .or_insert((stack.key, Default::default(), stack));
-            entry.1.outstanding_bytes += stack.usage.outstanding_bytes;
-            entry.1.outstanding_count += stack.usage.outstanding_count;
-            entry.1.allocated_bytes += stack.usage.allocated_bytes;
-            entry.1.allocated_count += stack.usage.allocated_count;
-            entry.1.freed_bytes += stack.usage.freed_bytes;
-        }
-        let mut stacks: Vec<StackReport> = merged
-            .into_values()
-            .map(|(_, usage, stack)| {
-                let addresses = return_addresses(stack);
-                StackReport {
-                    stack_id: self.stack_id(&addresses),
-                    outstanding_bytes: usage.outstanding_bytes.max(0) as u64,
-                    outstanding_allocations: scaled_count(usage.outstanding_count),
-                    allocated_bytes: usage.allocated_bytes,
-                    frames: addresses.iter().map(|a| self.frame(*a)).collect(),
-                }
-            })
-            .collect();
-        stacks.sort_by(|a, b| {
-            (b.outstanding_bytes, b.allocated_bytes, &a.stack_id).cmp(&(
-                a.outstanding_bytes,
-                a.allocated_bytes,
-                &b.stack_id,
-            ))
-        });
-
-        let mut totals = Totals::default();
-        let mut outstanding: i64 = 0;
-        let mut count: i64 = 0;
-        for (_, t) in &snapshot.totals {
-            totals.allocated_bytes += t.allocated_bytes;
-            totals.freed_bytes += t.freed_bytes;
-            totals.unmatched_frees += t.unmatched_frees;
-            outstanding += t.outstanding_bytes;
-            count += t.outstanding_count;
-        }
-        totals.outstanding_bytes = outstanding.max(0) as u64;
-        totals.outstanding_allocations = count.max(0) as u64;
-        for counter in Counter::ALL.into_iter().filter(|c| c.is_drop()) {
-            let value = snapshot.counters[counter as usize];
-            totals.dropped_events += value;
-            if value > 0 {
-                totals.drops.insert(counter.name(), value);
-            }
-        }
-        Report {
-            target,
-            duration_secs,
-            sample_bytes,
-            totals,
-            stacks,
-        }
+/// The report of one process's `snapshot` (already passed through [`Resolver::learn`]).
+pub fn process_report(
+    snapshot: &Snapshot,
+    resolver: &Resolver,
+    symbolizer: &Symbolizer,
+    target: Target,
+    duration_secs: f64,
+    sample_bytes: u64,
+) -> Report {
+    // One process may have allocated from several cgroups: merge per stack.
+    let mut merged: HashMap<String, StackReport> = HashMap::new();
+    for stack in snapshot
+        .stacks
+        .iter()
+        .filter(|s| s.key.tgid == resolver.pid())
+    {
+        let (stack_id, frames) = resolver.stack(stack, symbolizer);
+        let entry = merged
+            .entry(stack_id.clone())
+            .or_insert_with(|| StackReport {
+                stack_id,
+                outstanding_bytes: 0,
+                outstanding_allocations: 0,
+                allocated_bytes: 0,
+                frames,
+            });
+        entry.outstanding_bytes += stack.usage.outstanding_bytes.max(0) as u64;
+        entry.outstanding_allocations += scaled_count(stack.usage.outstanding_count);
+        entry.allocated_bytes += stack.usage.allocated_bytes;
+    }
+    let mut stacks: Vec<StackReport> = merged.into_values().collect();
+    stacks.sort_by(|a, b| {
+        (b.outstanding_bytes, b.allocated_bytes, &a.stack_id).cmp(&(
+            a.outstanding_bytes,
+            a.allocated_bytes,
+            &b.stack_id,
+        ))
+    });
+    let totals = totals(snapshot, |key| key.tgid == resolver.pid());
+    Report {
+        target,
+        duration_secs,
+        sample_bytes,
+        totals,
+        stacks,
     }
 }
 
+/// Sums the exact per-process totals that `keep` selects, and the drop counters.
+pub fn totals(snapshot: &Snapshot, keep: impl Fn(&ProcessKey) -> bool) -> Totals {
+    let mut totals = Totals::default();
+    let mut outstanding: i64 = 0;
+    let mut count: i64 = 0;
+    for (_, t) in snapshot.totals.iter().filter(|(key, _)| keep(key)) {
+        totals.allocated_bytes += t.allocated_bytes;
+        totals.freed_bytes += t.freed_bytes;
+        totals.unmatched_frees += t.unmatched_frees;
+        outstanding += t.outstanding_bytes;
+        count += t.outstanding_count;
+    }
+    totals.outstanding_bytes = outstanding.max(0) as u64;
+    totals.outstanding_allocations = count.max(0) as u64;
+    for counter in Counter::ALL.into_iter().filter(|c| c.is_drop()) {
+        let value = snapshot.counters[counter as usize];
+        totals.dropped_events += value;
+        if value > 0 {
+            totals.drops.insert(counter.name(), value);
+        }
+    }
+    totals
+}
+
 /// Counts are kept in 1/COUNT_SCALE units (sampled estimates); round to whole blocks.
-fn scaled_count(count: i64) -> u64 {
+pub fn scaled_count(count: i64) -> u64 {
     (count.max(0) as u64 + COUNT_SCALE / 2) / COUNT_SCALE
 }
 
@@ -337,6 +364,7 @@ pub fn table(report: &Report, limit: usize, depth: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memtrace_common::UsageKey;
 
     fn stack(caller: u64, kernel_frames: Vec<u64>) -> StackUsage {
         StackUsage {

@@ -3,12 +3,12 @@
 //! An address is first normalized against the process's memory map (file + file offset),
 //! which memtrace caches while the process is alive; the file is then symbolized on its
 //! own, so a report written after the process exited still has names. Results are cached
-//! per (file, offset); blazesym caches each file's parsed symbols and DWARF.
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+//! per (device, inode, offset): processes of many containers share one file's work, and
+//! two containers' different files at the same path never mix. blazesym caches each
+//! file's parsed symbols and DWARF.
+use std::{collections::HashMap, path::Path};
 
+use crate::process::FileId;
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blazesym,
     source::{Elf, Source},
@@ -24,7 +24,7 @@ pub struct Symbol {
 
 pub struct Symbolizer {
     blazesym: Blazesym,
-    cache: HashMap<(PathBuf, u64), Symbol>,
+    cache: HashMap<(FileId, u64), Symbol>,
 }
 
 impl Default for Symbolizer {
@@ -41,15 +41,17 @@ impl Symbolizer {
         }
     }
 
-    /// Resolves `offsets` of one file (read through `readable_path`, which may differ
-    /// from `path` for files inside a container's root). Unknown offsets get an empty
-    /// [`Symbol`]; one bad file never fails the others.
-    pub fn resolve(&mut self, path: &Path, readable_path: &Path, offsets: &[u64]) {
-        let missing: Vec<u64> = offsets
+    /// Resolves `offsets` of one file, read through `readable_path` (for a file inside a
+    /// container, a path under `/proc/PID/root`). Unknown offsets get an empty [`Symbol`];
+    /// one bad file never fails the others.
+    pub fn resolve(&mut self, file: FileId, readable_path: &Path, offsets: &[u64]) {
+        let mut missing: Vec<u64> = offsets
             .iter()
             .copied()
-            .filter(|offset| !self.cache.contains_key(&(path.to_owned(), *offset)))
+            .filter(|offset| !self.cache.contains_key(&(file, *offset)))
             .collect();
+        missing.sort_unstable();
+        missing.dedup();
         if missing.is_empty() {
             return;
         }
@@ -77,13 +79,13 @@ impl Symbolizer {
                 },
                 _ => Symbol::default(),
             };
-            self.cache.insert((path.to_owned(), offset), symbol);
+            self.cache.insert((file, offset), symbol);
         }
     }
 
     /// A resolved offset, if [`Symbolizer::resolve`] has seen it.
-    pub fn get(&self, path: &Path, offset: u64) -> Option<&Symbol> {
-        self.cache.get(&(path.to_owned(), offset))
+    pub fn get(&self, file: FileId, offset: u64) -> Option<&Symbol> {
+        self.cache.get(&(file, offset))
     }
 }
 
@@ -100,9 +102,13 @@ mod tests {
             .function("malloc")
             .unwrap()
             .clone();
+        let file = FileId {
+            device: (0, 0),
+            inode: 1,
+        };
         let mut symbolizer = Symbolizer::new();
-        symbolizer.resolve(&libc, &libc, &[malloc.file_offset + 1]);
-        let symbol = symbolizer.get(&libc, malloc.file_offset + 1).unwrap();
+        symbolizer.resolve(file, &libc, &[malloc.file_offset + 1]);
+        let symbol = symbolizer.get(file, malloc.file_offset + 1).unwrap();
         let name = symbol.function.as_deref().unwrap_or_default();
         assert!(name.contains("malloc"), "got {symbol:?}");
     }
@@ -110,8 +116,11 @@ mod tests {
     #[test]
     fn an_unreadable_file_gives_unknown_symbols() {
         let mut symbolizer = Symbolizer::new();
-        let path = Path::new("/nonexistent/lib.so");
-        symbolizer.resolve(path, path, &[0x1000]);
-        assert_eq!(symbolizer.get(path, 0x1000), Some(&Symbol::default()));
+        let file = FileId {
+            device: (0, 0),
+            inode: 2,
+        };
+        symbolizer.resolve(file, Path::new("/nonexistent/lib.so"), &[0x1000]);
+        assert_eq!(symbolizer.get(file, 0x1000), Some(&Symbol::default()));
     }
 }

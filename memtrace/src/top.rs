@@ -21,6 +21,7 @@ use crate::{
     preflight,
     process::{self, MemoryMap},
     report::{self, Resolver, Target},
+    symbolize::Symbolizer,
     tracer::{Tracer, TracerOptions},
 };
 
@@ -101,9 +102,12 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
             // It left while we attached: say so, and show whatever was counted.
             let tgids = HashSet::from([pid]);
             let snapshot = tracer.snapshot(&tgids)?;
-            resolver.learn(&snapshot);
-            let report = resolver.report(
+            let mut symbolizer = Symbolizer::new();
+            resolver.learn(&snapshot.stacks, &mut symbolizer);
+            let report = report::process_report(
                 &snapshot,
+                &resolver,
+                &symbolizer,
                 Target { pid, command },
                 0.0,
                 options.sample_bytes,
@@ -193,6 +197,7 @@ fn trace(
 ) -> Result<ExitCode> {
     let pid = traced.pid();
     let tgids = HashSet::from([pid]);
+    let mut symbolizer = Symbolizer::new();
     let started = Instant::now();
     let deadline = args
         .duration
@@ -211,7 +216,7 @@ fn trace(
                 Ok(ChildEvent::Exiting) => {
                     // Its address space is still there: resolve everything now.
                     resolver.refresh_map();
-                    resolver.learn(&tracer.snapshot(&tgids)?);
+                    resolver.learn(&tracer.snapshot(&tgids)?.stacks, &mut symbolizer);
                     child.resume();
                 }
                 Ok(ChildEvent::Exited(code)) => {
@@ -236,14 +241,16 @@ fn trace(
         if Instant::now() >= next_refresh {
             next_refresh += interval;
             let snapshot = tracer.snapshot(&tgids)?;
-            resolver.learn(&snapshot);
+            resolver.learn(&snapshot.stacks, &mut symbolizer);
             if args.format == Format::Table {
                 let target = Target {
                     pid,
                     command: command.clone(),
                 };
-                let report = resolver.report(
+                let report = report::process_report(
                     &snapshot,
+                    &resolver,
+                    &symbolizer,
                     target,
                     started.elapsed().as_secs_f64(),
                     sample_bytes,
@@ -258,9 +265,11 @@ fn trace(
     }
 
     let snapshot = tracer.snapshot(&tgids)?;
-    resolver.learn(&snapshot);
-    let report = resolver.report(
+    resolver.learn(&snapshot.stacks, &mut symbolizer);
+    let report = report::process_report(
         &snapshot,
+        &resolver,
+        &symbolizer,
         Target { pid, command },
         started.elapsed().as_secs_f64(),
         sample_bytes,
