@@ -8,7 +8,8 @@
 
 /// Names of the maps in the BPF object, as userspace looks them up.
 pub mod maps {
-    /// Per-thread state between an allocator's entry and its return.
+    /// Per-thread state between an allocator's entry and its return (LRU: slots of
+    /// exited threads age out).
     pub const THREADS: &str = "THREADS";
     /// Live heap blocks: [`crate::AllocKey`] → [`crate::AllocInfo`].
     pub const ALLOCS: &str = "ALLOCS";
@@ -16,7 +17,8 @@ pub mod maps {
     pub const MMAPS: &str = "MMAPS";
     /// Running totals per (cgroup, process, stack): [`crate::UsageKey`] → [`crate::Usage`].
     pub const USAGE: &str = "USAGE";
-    /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`].
+    /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`],
+    /// per CPU (sum them).
     pub const PROCESS_TOTALS: &str = "PROCESS_TOTALS";
     /// User stacks, `BPF_MAP_TYPE_STACK_TRACE`.
     pub const STACKS: &str = "STACKS";
@@ -47,6 +49,10 @@ pub mod capacity {
 pub const MUNMAP_MAX_PAGES_BACK: u32 = 1024;
 /// How many adjacent tracked mappings one `munmap` call may cover.
 pub const MUNMAP_MAX_REGIONS: u32 = 8;
+
+/// A call entering within this long after an allocator call on the same thread, deeper
+/// on its stack, is nested in it. No allocator call lasts a second.
+pub const NESTED_MAX_NS: u64 = 1_000_000_000;
 
 /// `stack_id` of an allocation whose stack was not walked (sampled out or walk failed).
 pub const NO_STACK: u32 = u32::MAX;
@@ -213,10 +219,17 @@ pub struct ProcessTotals {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
-    /// Nesting depth of allocator calls on this thread; only depth 1 is recorded.
+    /// Nesting depth of allocator calls in flight on this thread (0: none); only the
+    /// outermost call is recorded. The slot stays in the (LRU) map between calls.
     pub depth: u32,
     /// An [`AllocKind`] as `u32`.
     pub kind: u32,
+    /// Stack pointer and time at the outermost entry: a call is nested only if it runs
+    /// deeper on the stack, soon after. A slot left behind by a call that never returned
+    /// (a thread killed inside malloc, a probe attached mid-call) is not mistaken for an
+    /// enclosing call.
+    pub sp: u64,
+    pub entered_ns: u64,
     /// The new block as seen at entry (size, weights, stack); `timestamp_ns` unset.
     pub pending: AllocInfo,
     /// posix_memalign: where the block pointer will be written.
@@ -251,5 +264,5 @@ const _: () = {
     assert!(core::mem::size_of::<Usage>() == 56);
     assert!(core::mem::size_of::<ProcessKey>() == 16);
     assert!(core::mem::size_of::<ProcessTotals>() == 48);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 56 + 8 + 8 + 56 + 8);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 16 + 56 + 8 + 8 + 56 + 8);
 };

@@ -27,13 +27,13 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
 use memtrace_common::{
     AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, MUNMAP_MAX_PAGES_BACK,
-    MUNMAP_MAX_REGIONS, NO_STACK, ProcessKey, ProcessTotals, ThreadState, Usage, UsageKey,
-    capacity,
+    MUNMAP_MAX_REGIONS, NESTED_MAX_NS, NO_STACK, ProcessKey, ProcessTotals, ThreadState, Usage,
+    UsageKey, capacity,
 };
 
 /// Each byte is sampled with probability 1/SAMPLE_BYTES (1 = exact); set at load time.
@@ -44,7 +44,7 @@ static SAMPLE_BYTES: u64 = 1;
 static PAGE_SIZE: u64 = 4096;
 
 #[map]
-static THREADS: HashMap<u64, ThreadState> = HashMap::with_max_entries(capacity::THREADS, 0);
+static THREADS: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(capacity::THREADS, 0);
 // Not preallocated: a traced process may hold millions of blocks or a handful.
 #[map]
 static ALLOCS: HashMap<AllocKey, AllocInfo> =
@@ -55,9 +55,10 @@ static MMAPS: HashMap<AllocKey, AllocInfo> =
 #[map]
 static USAGE: HashMap<UsageKey, Usage> =
     HashMap::with_max_entries(capacity::USAGE, BPF_F_NO_PREALLOC);
+// Per CPU: updated on every call, with plain adds instead of atomics.
 #[map]
-static PROCESS_TOTALS: HashMap<ProcessKey, ProcessTotals> =
-    HashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
+static PROCESS_TOTALS: PerCpuHashMap<ProcessKey, ProcessTotals> =
+    PerCpuHashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
 #[map]
@@ -103,19 +104,48 @@ fn add_signed(field: &mut i64, delta: i64) {
     );
 }
 
-/// Looks `key` up, inserting a zeroed value first if it is missing.
+/// Looks `key` up in `map` (any hash map type), inserting a zeroed value first if it is
+/// missing; counts `full` when it cannot. Yields `Option<*mut V>`.
+macro_rules! get_or_init {
+    ($map:expr, $key:expr, $full:expr) => {{
+        match $map.get_ptr_mut($key) {
+            Some(value) => Some(value),
+            None => {
+                // EEXIST means another CPU inserted it first: the lookup below finds it.
+                let _ = $map.insert($key, &Default::default(), BPF_NOEXIST as u64);
+                let value = $map.get_ptr_mut($key);
+                if value.is_none() {
+                    count($full);
+                }
+                value
+            }
+        }
+    }};
+}
+
+/// Adds to a per-CPU counter: no other CPU writes it, and programs do not preempt each
+/// other on one CPU.
 #[inline(always)]
-fn get_or_init<K, V: Default>(map: &HashMap<K, V>, key: &K, full: Counter) -> Option<*mut V> {
-    if let Some(value) = map.get_ptr_mut(key) {
-        return Some(value);
-    }
-    // EEXIST means another CPU inserted it first: fine, the lookup below finds it.
-    let _ = map.insert(key, &V::default(), BPF_NOEXIST as u64);
-    let value = map.get_ptr_mut(key);
-    if value.is_none() {
-        count(full);
-    }
-    value
+fn add_local(field: &mut u64, delta: u64) {
+    *field = field.wrapping_add(delta);
+}
+
+#[inline(always)]
+fn add_local_signed(field: &mut i64, delta: i64) {
+    *field = field.wrapping_add(delta);
+}
+
+/// The exact totals of `info`'s process, on this CPU.
+#[inline(always)]
+fn process_totals(cgroup_id: u64, tgid: u32) -> Option<&'static mut ProcessTotals> {
+    let key = ProcessKey {
+        cgroup_id,
+        tgid,
+        _pad: 0,
+    };
+    let totals = get_or_init!(PROCESS_TOTALS, &key, Counter::ProcessTotalsFull)?;
+    // SAFETY: a valid per-CPU map value pointer, written only from this CPU.
+    Some(unsafe { &mut *totals })
 }
 
 /// Decides whether an allocation of `size` bytes is sampled, and what it then stands for:
@@ -137,19 +167,42 @@ fn sample(size: u64) -> (u64, u64) {
     }
 }
 
+/// An outermost allocator call being entered: its state, and the thread's slot if it has
+/// one already (slots stay between calls: updating one in place is cheaper than an insert
+/// and a delete per call).
+struct Entry {
+    state: ThreadState,
+    slot: Option<*mut ThreadState>,
+}
+
+/// Whether a call entering at `sp`, `now` runs inside the call recorded in `state`. At
+/// the same `sp` counts: a tail call (reallocarray jumping to realloc) does not push.
+#[inline(always)]
+fn is_nested(state: &ThreadState, sp: u64, now: u64) -> bool {
+    state.depth > 0 && sp <= state.sp && now.wrapping_sub(state.entered_ns) < NESTED_MAX_NS
+}
+
 /// Common entry of every allocating function. Returns `None` when the call is nested.
 #[inline(always)]
-fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<ThreadState> {
+fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
     let id = bpf_get_current_pid_tgid();
-    if let Some(state) = THREADS.get_ptr_mut(id) {
-        // Inside another allocator call on this thread: count it there, not here.
+    // SAFETY: reading the saved registers of the probed task.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let slot = THREADS.get_ptr_mut(id);
+    if let Some(slot) = slot {
         // SAFETY: only this thread touches its slot.
-        unsafe { (*state).depth += 1 };
-        return None;
+        let state = unsafe { &mut *slot };
+        if is_nested(state, sp, now) {
+            // Inside another allocator call on this thread: count it there, not here.
+            state.depth += 1;
+            return None;
+        }
     }
     let (weight_bytes, weight_count) = sample(size);
     let mut usage = UsageKey {
-        // SAFETY: helpers without preconditions.
+        // SAFETY: helper without preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (id >> 32) as u32,
         stack_id: NO_STACK,
@@ -164,15 +217,16 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<ThreadState> 
         // Userspace places every probe where no push has run yet, so [rsp] is the
         // return address into the allocator's caller.
         // SAFETY: reading user memory through the helper, which checks the address.
-        let sp = unsafe { (*ctx.regs).rsp };
         match unsafe { bpf_probe_read_user(sp as *const u64) } {
             Ok(ret) => usage.caller = ret,
             Err(_) => count(Counter::ReadFailed),
         }
     }
-    Some(ThreadState {
+    let state = ThreadState {
         depth: 1,
         kind: kind as u32,
+        sp,
+        entered_ns: now,
         pending: AllocInfo {
             size,
             weight_bytes,
@@ -181,46 +235,46 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<ThreadState> 
             usage,
         },
         ..ThreadState::default()
-    })
+    };
+    Some(Entry { state, slot })
 }
 
 #[inline(always)]
-fn save(state: &ThreadState) {
-    if THREADS
-        .insert(bpf_get_current_pid_tgid(), state, BPF_ANY as u64)
-        .is_err()
-    {
-        count(Counter::ThreadsFull);
+fn save(entry: &Entry) {
+    match entry.slot {
+        // SAFETY: only this thread touches its slot.
+        Some(slot) => unsafe { *slot = entry.state },
+        None => {
+            if THREADS
+                .insert(bpf_get_current_pid_tgid(), &entry.state, BPF_ANY as u64)
+                .is_err()
+            {
+                count(Counter::ThreadsFull);
+            }
+        }
     }
 }
 
 #[inline(always)]
 fn enter_plain(ctx: &ProbeContext, kind: AllocKind, size: u64) {
-    if let Some(state) = enter(ctx, kind, size) {
-        save(&state);
+    if let Some(entry) = enter(ctx, kind, size) {
+        save(&entry);
     }
 }
 
 /// Adds a new live block to the totals.
 #[inline(always)]
 fn account_alloc(info: &AllocInfo) {
-    let key = ProcessKey {
-        cgroup_id: info.usage.cgroup_id,
-        tgid: info.usage.tgid,
-        _pad: 0,
-    };
-    if let Some(totals) = get_or_init(&PROCESS_TOTALS, &key, Counter::ProcessTotalsFull) {
-        // SAFETY: a valid map value pointer; every field is updated atomically.
-        let totals = unsafe { &mut *totals };
-        add(&mut totals.allocated_bytes, info.size);
-        add(&mut totals.allocations, 1);
-        add_signed(&mut totals.outstanding_bytes, info.size as i64);
-        add_signed(&mut totals.outstanding_count, 1);
+    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+        add_local(&mut totals.allocated_bytes, info.size);
+        add_local(&mut totals.allocations, 1);
+        add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
+        add_local_signed(&mut totals.outstanding_count, 1);
     }
     if info.weight_bytes == 0 {
         return;
     }
-    if let Some(usage) = get_or_init(&USAGE, &info.usage, Counter::UsageFull) {
+    if let Some(usage) = get_or_init!(USAGE, &info.usage, Counter::UsageFull) {
         // SAFETY: as above.
         let usage = unsafe { &mut *usage };
         add(&mut usage.allocated_bytes, info.weight_bytes);
@@ -235,17 +289,10 @@ fn account_alloc(info: &AllocInfo) {
 /// remain of it: 0 for a free, 1 or 2 when munmap cuts a mapping's edge or middle.
 #[inline(always)]
 fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
-    let key = ProcessKey {
-        cgroup_id: info.usage.cgroup_id,
-        tgid: info.usage.tgid,
-        _pad: 0,
-    };
-    if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
-        // SAFETY: a valid map value pointer; every field is updated atomically.
-        let totals = unsafe { &mut *totals };
-        add(&mut totals.freed_bytes, bytes);
-        add_signed(&mut totals.outstanding_bytes, -(bytes as i64));
-        add_signed(&mut totals.outstanding_count, pieces_left - 1);
+    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+        add_local(&mut totals.freed_bytes, bytes);
+        add_local_signed(&mut totals.outstanding_bytes, -(bytes as i64));
+        add_local_signed(&mut totals.outstanding_count, pieces_left - 1);
     }
     if info.weight_bytes == 0 {
         return;
@@ -283,15 +330,10 @@ fn as_signed(field: &mut u64) -> &mut i64 {
 #[inline(always)]
 fn unmatched_free(tgid: u32) {
     count(Counter::UnmatchedFree);
-    let key = ProcessKey {
-        // SAFETY: helper without preconditions.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tgid,
-        _pad: 0,
-    };
-    if let Some(totals) = get_or_init(&PROCESS_TOTALS, &key, Counter::ProcessTotalsFull) {
-        // SAFETY: a valid map value pointer.
-        add(unsafe { &mut (*totals).unmatched_frees }, 1);
+    // SAFETY: helper without preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(totals) = process_totals(cgroup_id, tgid) {
+        add_local(&mut totals.unmatched_frees, 1);
     }
 }
 
@@ -303,16 +345,17 @@ fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full:
         _pad: 0,
         addr,
     };
-    // A block already live at this address means its free was missed (a full map earlier,
-    // or an untraced path): retire it so the totals stay consistent.
-    if let Some(stale) = map.get_ptr(&key) {
-        // SAFETY: copied out before the entry is replaced.
-        let stale = unsafe { *stale };
-        account_free(&stale, stale.size, 0);
-    }
-    if map.insert(&key, info, BPF_ANY as u64).is_err() {
-        count(full);
-        return;
+    if map.insert(&key, info, BPF_NOEXIST as u64).is_err() {
+        // A block already live at this address means its free was missed (a full map
+        // earlier, an untraced path): retire it so the totals stay consistent.
+        let Some(stale) = map.get_ptr_mut(&key) else {
+            count(full);
+            return;
+        };
+        // SAFETY: a valid map value pointer; copied out before it is overwritten.
+        let old = unsafe { *stale };
+        account_free(&old, old.size, 0);
+        unsafe { *stale = *info };
     }
     account_alloc(info);
 }
@@ -333,8 +376,14 @@ fn take(map: &HashMap<AllocKey, AllocInfo>, tgid: u32, addr: u64) -> Option<Allo
 }
 
 #[inline(always)]
-fn inside_allocator(id: u64) -> bool {
-    THREADS.get_ptr(id).is_some()
+/// Whether this thread is inside an allocator call (free or munmap called by malloc).
+#[inline(always)]
+fn inside_allocator(id: u64, sp: u64) -> bool {
+    let Some(state) = THREADS.get_ptr(id) else {
+        return false;
+    };
+    // SAFETY: helper without preconditions; the slot is only written by this thread.
+    is_nested(unsafe { &*state }, sp, unsafe { bpf_ktime_get_ns() })
 }
 
 /// `a * b` unless it overflows. `checked_mul` (and LLVM's rewrite of a division check)
@@ -403,9 +452,9 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
     let out_ptr: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    if let Some(mut state) = enter(&ctx, AllocKind::PosixMemalign, size) {
-        state.out_ptr = out_ptr;
-        save(&state);
+    if let Some(mut entry) = enter(&ctx, AllocKind::PosixMemalign, size) {
+        entry.state.out_ptr = out_ptr;
+        save(&entry);
     }
     0
 }
@@ -432,9 +481,10 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 /// back if the call fails. `size` is `None` for a request that overflows (it fails).
 #[inline(always)]
 fn enter_realloc(ctx: &ProbeContext, ptr: u64, size: Option<u64>) {
-    let Some(mut state) = enter(ctx, AllocKind::Realloc, size.unwrap_or(0)) else {
+    let Some(mut entry) = enter(ctx, AllocKind::Realloc, size.unwrap_or(0)) else {
         return;
     };
+    let state = &mut entry.state;
     if ptr != 0 {
         let tgid = state.pending.usage.tgid;
         match take(&ALLOCS, tgid, ptr) {
@@ -448,7 +498,7 @@ fn enter_realloc(ctx: &ProbeContext, ptr: u64, size: Option<u64>) {
         }
         state.restore_on_failure = (size != Some(0)) as u32;
     }
-    save(&state);
+    save(&entry);
 }
 
 #[uprobe]
@@ -475,12 +525,15 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: only this thread touches its slot.
     let state = unsafe { &mut *slot };
-    if state.depth > 1 {
-        state.depth -= 1;
-        return 0;
+    match state.depth {
+        0 => return 0, // No call in flight: it began before the probe was attached.
+        1 => state.depth = 0,
+        _ => {
+            state.depth -= 1;
+            return 0;
+        }
     }
     let state = *state;
-    let _ = THREADS.remove(id);
     let ret: u64 = ctx.ret();
 
     let mut info = state.pending;
@@ -532,20 +585,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// Undoes `account_free` of a whole block (a realloc that failed).
 #[inline(always)]
 fn unfree(info: &AllocInfo) {
-    let key = ProcessKey {
-        cgroup_id: info.usage.cgroup_id,
-        tgid: info.usage.tgid,
-        _pad: 0,
-    };
-    if let Some(totals) = PROCESS_TOTALS.get_ptr_mut(&key) {
-        // SAFETY: a valid map value pointer; every field is updated atomically.
-        let totals = unsafe { &mut *totals };
-        add(
-            &mut totals.freed_bytes,
-            (info.size as i64).wrapping_neg() as u64,
-        );
-        add_signed(&mut totals.outstanding_bytes, info.size as i64);
-        add_signed(&mut totals.outstanding_count, 1);
+    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+        add_local(&mut totals.freed_bytes, info.size.wrapping_neg());
+        add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
+        add_local_signed(&mut totals.outstanding_count, 1);
     }
     if info.weight_bytes == 0 {
         return;
@@ -567,7 +610,7 @@ fn unfree(info: &AllocInfo) {
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr: u64 = ctx.arg(0).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
-    if ptr == 0 || inside_allocator(id) {
+    if ptr == 0 || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
         return 0;
     }
     let tgid = (id >> 32) as u32;
@@ -589,7 +632,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     let len: u64 = ctx.arg(1).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
-    if len == 0 || inside_allocator(id) {
+    if len == 0 || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
         return 0;
     }
     let tgid = (id >> 32) as u32;

@@ -20,6 +20,93 @@ pub enum Command {
     /// Trace one process and show the stacks holding its outstanding memory.
     #[command(after_help = TOP_EXAMPLES)]
     Top(TopArgs),
+    /// Run the node agent: trace chosen processes, detect leaks, serve Prometheus metrics.
+    #[command(after_help = AGENT_EXAMPLES)]
+    Agent(AgentArgs),
+}
+
+const AGENT_EXAMPLES: &str = "\
+EXAMPLES:
+    memtrace agent --cgroup 'system.slice/*.service'      every service of the host
+    memtrace agent --pid 1234 --interval 5s --window 10m
+    MEMTRACE_CGROUP='kubepods.slice/**' memtrace agent    the DaemonSet way
+";
+
+/// `10s`, `500ms`, `30m`, `1h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?} must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Trace these processes (repeatable; comma-separated in the environment).
+    #[arg(long, env = "MEMTRACE_PID", value_delimiter = ',')]
+    pub pid: Vec<u32>,
+
+    /// Trace the processes of the cgroups whose path (relative to the cgroup v2 mount)
+    /// matches this glob; `*` stays within a level, `**` crosses levels. Repeatable.
+    #[arg(long, env = "MEMTRACE_CGROUP", value_delimiter = ',')]
+    pub cgroup: Vec<String>,
+
+    /// How often to read the maps, discover processes and update metrics.
+    #[arg(long, env = "MEMTRACE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+
+    /// How far back growth is judged.
+    #[arg(long, env = "MEMTRACE_WINDOW", default_value = "30m", value_parser = parse_duration)]
+    pub window: std::time::Duration,
+
+    /// Points kept per stack series (memory bound; older points are thinned out).
+    #[arg(long, env = "MEMTRACE_MAX_POINTS", default_value_t = 360)]
+    pub max_points: usize,
+
+    /// Stacks tracked per container; the least suspect are evicted (and counted).
+    #[arg(long, env = "MEMTRACE_MAX_STACKS", default_value_t = 500)]
+    pub max_stacks: usize,
+
+    /// Stacks per container exported as labelled suspicion series.
+    #[arg(long, env = "MEMTRACE_TOP_K", default_value_t = 5)]
+    pub top_k: usize,
+
+    /// Suspicion at or over which a stack counts as a leak suspect.
+    #[arg(long, env = "MEMTRACE_THRESHOLD", default_value_t = 0.8)]
+    pub threshold: f64,
+
+    /// Where to serve /metrics, /healthz, /readyz, /api/v1/suspects, /debug/pprof/heap,
+    /// /flamegraph.svg.
+    #[arg(long, env = "MEMTRACE_LISTEN", default_value = "0.0.0.0:9464")]
+    pub listen: std::net::SocketAddr,
+
+    /// Sample each allocated byte with probability 1/N (1 = exact).
+    #[arg(long, env = "MEMTRACE_SAMPLE_BYTES", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample_bytes: u64,
+
+    /// Capacity of the live-allocation map (kernel memory: ~100 bytes each).
+    #[arg(long, env = "MEMTRACE_MAX_ALLOCATIONS", default_value_t = memtrace_common::capacity::ALLOCS)]
+    pub max_allocations: u32,
+
+    /// Capacity of the kernel's stack-trace map (distinct call stacks; ~1 KiB each).
+    #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
+    pub max_stack_traces: u32,
 }
 
 const TOP_EXAMPLES: &str = "\
@@ -35,6 +122,22 @@ pub enum Format {
     Table,
     /// One JSON document at the end.
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("10s").unwrap().as_secs(), 10);
+        assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("2").unwrap().as_secs(), 2);
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
 }
 
 #[derive(Debug, Args)]
@@ -68,9 +171,9 @@ pub struct TopArgs {
     #[arg(long, env = "MEMTRACE_MAX_ALLOCATIONS", default_value_t = memtrace_common::capacity::ALLOCS)]
     pub max_allocations: u32,
 
-    /// Capacity of the stack map (distinct call stacks; ~1 KiB each).
-    #[arg(long, env = "MEMTRACE_MAX_STACKS", default_value_t = memtrace_common::capacity::STACKS)]
-    pub max_stacks: u32,
+    /// Capacity of the kernel's stack-trace map (distinct call stacks; ~1 KiB each).
+    #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
+    pub max_stack_traces: u32,
 
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
@@ -80,5 +183,6 @@ pub struct TopArgs {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Top(args) => crate::top::run(args),
+        Command::Agent(args) => crate::agent::run(args),
     }
 }

@@ -4,12 +4,18 @@
 //! `elf` read what the kernel and the target's files say; `placement` decides where each
 //! probe sits; `symbolize` and `report` turn addresses into stacks users can read; `top`
 //! and `launch` make the `memtrace top` command.
+pub mod agent;
+pub mod cgroup;
 pub mod cli;
+pub mod detect;
 pub mod elf;
+pub mod http;
 pub mod launch;
+pub mod metrics;
 pub mod placement;
 pub mod preflight;
 pub mod process;
+pub mod profile;
 pub mod report;
 pub mod symbolize;
 pub mod top;

@@ -199,6 +199,29 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
     own_libc()
 }
 
+/// The libc a running process has mapped, or a clear reason why there is none.
+pub fn libc_of_running(pid: u32) -> Result<PathBuf> {
+    if pid == 0 || !exists(pid) {
+        bail!("no such process: PID {pid}");
+    }
+    let maps = MemoryMap::read(pid)?;
+    if let Some(libc) = maps.libc() {
+        return Ok(libc.to_owned());
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let is_static = ElfFile::open(&in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
+    if is_static {
+        bail!(
+            "PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator",
+            exe.display()
+        );
+    }
+    bail!(
+        "PID {pid} ({}) has no C library mapped: nothing for memtrace to trace",
+        exe.display()
+    )
+}
+
 /// Finds `program` on `PATH` like a shell would, when it has no slash.
 pub fn find_program(program: &str) -> Result<PathBuf> {
     if program.contains('/') {

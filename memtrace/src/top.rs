@@ -3,7 +3,7 @@
 use std::{
     collections::HashSet,
     io::{IsTerminal, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -18,8 +18,7 @@ use crate::{
     cli::{Format, TopArgs},
     elf::ElfFile,
     launch::{self, ChildEvent, TracedChild},
-    preflight,
-    process::{self, MemoryMap},
+    preflight, process,
     report::{self, Resolver, Target},
     symbolize::Symbolizer,
     tracer::{Tracer, TracerOptions},
@@ -54,14 +53,14 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     let options = TracerOptions {
         sample_bytes: args.sample_bytes,
         max_allocations: args.max_allocations,
-        max_stacks: args.max_stacks,
+        max_stacks: args.max_stack_traces,
     };
 
     // Everything that can be checked about the target is checked before loading BPF.
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
-            libc_of_running(*pid)?,
+            process::libc_of_running(*pid)?,
             process::command_line(*pid),
         ),
         (None, Some((program, rest))) => {
@@ -142,30 +141,6 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         traced,
         command,
         options.sample_bytes,
-    )
-}
-
-/// The libc a running process has mapped, or a clear reason why there is none.
-fn libc_of_running(pid: u32) -> Result<PathBuf> {
-    if pid == 0 || !process::exists(pid) {
-        bail!("no such process: PID {pid}");
-    }
-    let maps = MemoryMap::read(pid)?;
-    if let Some(libc) = maps.libc() {
-        return Ok(libc.to_owned());
-    }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let is_static =
-        ElfFile::open(&process::in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
-    if is_static {
-        bail!(
-            "PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator",
-            exe.display()
-        );
-    }
-    bail!(
-        "PID {pid} ({}) has no C library mapped: nothing for memtrace to trace",
-        exe.display()
     )
 }
 

@@ -9,14 +9,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
-    Counter, NO_STACK, ProcessKey, ProcessTotals, Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, Counter, NO_STACK, ProcessKey, ProcessTotals, ThreadState, Usage,
+    UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement};
@@ -136,6 +137,8 @@ pub struct Tracer {
     /// Stack ids are never reused (memtrace does not delete from `STACKS`).
     stack_cache: HashMap<u32, Vec<u64>>,
     loaded: HashSet<&'static str>,
+    /// Links per traced process, to detach them when it goes.
+    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 impl Tracer {
@@ -158,6 +161,7 @@ impl Tracer {
             ebpf,
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
+            links: HashMap::new(),
         })
     }
 
@@ -210,13 +214,15 @@ impl Tracer {
                 Programs::Memtrace => (spec.entry, EXIT_PROGRAM),
                 Programs::Noop => ("noop_enter", "noop_exit"),
             };
-            self.attach_program(entry, offset, libc, scope)
-                .with_context(|| format!("attaching {entry} to {}", spec.symbol))?;
+            // The return probe goes first: an entry without its return would leave the
+            // thread's slot claiming a call in flight.
             if spec.returns {
                 // Same spot as the entry probe: one breakpoint serves both.
                 self.attach_program(exit, offset, libc, scope)
                     .with_context(|| format!("attaching {exit} to {}", spec.symbol))?;
             }
+            self.attach_program(entry, offset, libc, scope)
+                .with_context(|| format!("attaching {entry} to {}", spec.symbol))?;
             summary.probes.push(AttachedProbe {
                 symbol: spec.symbol,
                 offset: placed.offset,
@@ -241,8 +247,72 @@ impl Tracer {
         if self.loaded.insert(name) {
             program.load().map_err(|e| explain_load_error(e.into()))?;
         }
-        program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
+        let link = program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
+        if let UProbeScope::OneProcess(pid) = scope {
+            self.links.entry(pid.get()).or_default().push((name, link));
+        }
         Ok(())
+    }
+
+    /// Detaches every probe attached for `pid` (none is an error: it may never have
+    /// attached, or attached halfway).
+    pub fn detach(&mut self, pid: u32) {
+        for (name, link) in self.links.remove(&pid).unwrap_or_default() {
+            let detached = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+                .map(|p| p.detach(link));
+            if let Some(Err(e)) = detached {
+                log::debug!("detaching {name} from pid {pid}: {e}");
+            }
+        }
+    }
+
+    /// How many probes (entry and return) are attached now.
+    pub fn attached_probes(&self) -> usize {
+        self.links.values().map(Vec::len).sum()
+    }
+
+    /// Deletes everything the maps hold about process `tgid` (after it exited).
+    pub fn forget(&mut self, tgid: u32) -> Result<()> {
+        fn purge<K: aya::Pod, V: aya::Pod>(
+            map: &mut aya::maps::Map,
+            belongs: impl Fn(&K) -> bool,
+        ) -> Result<()> {
+            let mut map: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
+            let doomed: Vec<K> = map
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| belongs(k))
+                .collect();
+            for key in doomed {
+                // Gone already (removed by a racing probe) is fine.
+                let _ = map.remove(&key);
+            }
+            Ok(())
+        }
+        purge::<UsageKey, Usage>(self.map_mut(maps::USAGE)?, |k| k.tgid == tgid)?;
+        let mut totals: PerCpuHashMap<&mut MapData, ProcessKey, ProcessTotals> =
+            PerCpuHashMap::try_from(self.map_mut(maps::PROCESS_TOTALS)?)?;
+        let doomed: Vec<ProcessKey> = totals
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in doomed {
+            let _ = totals.remove(&key);
+        }
+        purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
+        purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
+        purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("the BPF object has no map {name}"))
     }
 
     /// Reads every map into a [`Snapshot`], keeping only processes in `tgids`.
@@ -282,12 +352,12 @@ impl Tracer {
             });
         }
 
-        let totals: BpfHashMap<&MapData, ProcessKey, ProcessTotals> =
-            BpfHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
+        let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
+            PerCpuHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
         for item in totals.iter() {
-            let (key, value) = item.context("reading PROCESS_TOTALS")?;
+            let (key, per_cpu) = item.context("reading PROCESS_TOTALS")?;
             if tgids.contains(&key.tgid) {
-                snapshot.totals.push((key, value));
+                snapshot.totals.push((key, sum_totals(per_cpu.iter())));
             }
         }
 
@@ -305,6 +375,18 @@ impl Tracer {
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))
     }
+}
+
+/// Sums per-CPU totals (each CPU's values wrap independently; the sum is exact).
+fn sum_totals<'a>(per_cpu: impl Iterator<Item = &'a ProcessTotals>) -> ProcessTotals {
+    per_cpu.fold(ProcessTotals::default(), |sum, t| ProcessTotals {
+        allocated_bytes: sum.allocated_bytes.wrapping_add(t.allocated_bytes),
+        freed_bytes: sum.freed_bytes.wrapping_add(t.freed_bytes),
+        outstanding_bytes: sum.outstanding_bytes.wrapping_add(t.outstanding_bytes),
+        outstanding_count: sum.outstanding_count.wrapping_add(t.outstanding_count),
+        allocations: sum.allocations.wrapping_add(t.allocations),
+        unmatched_frees: sum.unmatched_frees.wrapping_add(t.unmatched_frees),
+    })
 }
 
 /// Turns a permission failure into the one line a user needs.

@@ -1,0 +1,180 @@
+//! The agent's HTTP listener: metrics, health, suspects, and profiles. Read-only: every
+//! handler serves what the agent already published in its [`View`]; no request can make
+//! the agent read a process or a file.
+use std::{collections::HashMap, net::TcpListener, sync::mpsc, thread::JoinHandle};
+
+use anyhow::Result;
+use axum::{
+    Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::{
+    agent::SharedView,
+    metrics::Metrics,
+    profile::{self, ProfileSample},
+};
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Metrics,
+    view: SharedView,
+}
+
+/// A running server; dropping it shuts the runtime down.
+pub struct Server {
+    runtime: Option<tokio::runtime::Runtime>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Serves on `listener` from a small runtime of its own, and turns SIGTERM/SIGINT into a
+/// message on `stop` (the agent loop then detaches and exits).
+pub fn spawn(
+    listener: TcpListener,
+    metrics: Metrics,
+    view: SharedView,
+    stop: mpsc::Sender<()>,
+) -> Result<Server> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("memtrace-http")
+        .enable_all()
+        .build()?;
+    let app = router(AppState { metrics, view });
+    let listener = runtime.block_on(async { tokio::net::TcpListener::from_std(listener) })?;
+    runtime.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            log::error!("HTTP server stopped: {e}");
+        }
+    });
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop.send(());
+    });
+    Ok(Server {
+        runtime: Some(runtime),
+        thread: None,
+    })
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/suspects", get(suspects))
+        .route("/debug/pprof/heap", get(pprof_heap))
+        .route("/flamegraph.svg", get(flamegraph))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.view.read().map(|v| v.ready).unwrap_or(false) {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: probes not attached yet\n",
+        )
+            .into_response()
+    }
+}
+
+async fn suspects(State(state): State<AppState>) -> Response {
+    let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    axum::Json(&view.suspects).into_response()
+}
+
+/// The samples of `?container=` (all containers when absent), or a 404 naming it.
+fn samples(
+    state: &AppState,
+    query: &HashMap<String, String>,
+) -> Result<Vec<ProfileSample>, Response> {
+    let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    match query.get("container") {
+        None => Ok(view.profiles.values().flatten().cloned().collect()),
+        Some(container) => view.profiles.get(container).cloned().ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no traced container {container:?}\n"),
+            )
+                .into_response()
+        }),
+    }
+}
+
+async fn pprof_heap(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    match samples(&state, &query) {
+        Ok(samples) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"heap.pb.gz\"",
+                ),
+            ],
+            profile::pprof_heap(&samples),
+        )
+            .into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn flamegraph(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let samples = match samples(&state, &query) {
+        Ok(samples) => samples,
+        Err(response) => return response,
+    };
+    let title = match query.get("container") {
+        Some(container) => format!("Outstanding memory of {container}"),
+        None => "Outstanding memory".to_owned(),
+    };
+    match profile::flamegraph_svg(&samples, &title) {
+        Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("flame graph failed: {e:#}\n"),
+        )
+            .into_response(),
+    }
+}
