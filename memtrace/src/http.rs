@@ -123,7 +123,7 @@ async fn suspects(State(state): State<AppState>) -> Response {
 fn samples(
     state: &AppState,
     query: &HashMap<String, String>,
-) -> Result<Vec<ProfileSample>, Response> {
+) -> Result<Vec<ProfileSample>, (StatusCode, String)> {
     let view = state.view.read().unwrap_or_else(|e| e.into_inner());
     match query.get("container") {
         None => Ok(view.profiles.values().flatten().cloned().collect()),
@@ -132,7 +132,6 @@ fn samples(
                 StatusCode::NOT_FOUND,
                 format!("no traced container {container:?}\n"),
             )
-                .into_response()
         }),
     }
 }
@@ -153,7 +152,7 @@ async fn pprof_heap(
             profile::pprof_heap(&samples),
         )
             .into_response(),
-        Err(response) => response,
+        Err(not_found) => not_found.into_response(),
     }
 }
 
@@ -163,7 +162,7 @@ async fn flamegraph(
 ) -> Response {
     let samples = match samples(&state, &query) {
         Ok(samples) => samples,
-        Err(response) => return response,
+        Err(not_found) => return not_found.into_response(),
     };
     let title = match query.get("container") {
         Some(container) => format!("Outstanding memory of {container}"),

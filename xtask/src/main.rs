@@ -69,7 +69,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test => {
             ensure_bpf_toolchain()?;
-            ensure_debian_packages(&["libc6-dev", "gcc", "util-linux"])?;
+            ensure_debian_packages(&["libc6-dev", "gcc", "util-linux", "prometheus"])?;
             run_cmd(cargo(&root).args(["build", "-p", "memtrace"]))?;
             // BPF and fixture processes share kernel state: one test at a time.
             run_cmd(
