@@ -382,8 +382,11 @@ fn inside_allocator(id: u64, sp: u64) -> bool {
     let Some(state) = THREADS.get_ptr(id) else {
         return false;
     };
-    // SAFETY: helper without preconditions; the slot is only written by this thread.
-    is_nested(unsafe { &*state }, sp, unsafe { bpf_ktime_get_ns() })
+    // SAFETY: the slot is only written by this thread.
+    let state = unsafe { &*state };
+    // The clock is read only when a call is in flight (rarely, for a free).
+    // SAFETY: helper without preconditions.
+    state.depth > 0 && is_nested(state, sp, unsafe { bpf_ktime_get_ns() })
 }
 
 /// `a * b` unless it overflows. `checked_mul` (and LLVM's rewrite of a division check)
