@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use memtrace_common::UsageKey;
+
 use crate::{
     cgroup::{self, Hierarchy, Patterns},
     cli::AgentArgs,
@@ -37,6 +39,9 @@ pub struct Suspect {
     /// Mean age of the stack's live allocations (memtrace keeps the mean in O(1) in BPF;
     /// for a leak it keeps growing).
     pub mean_age_seconds: Option<f64>,
+    /// Age of the stack's oldest live allocation, from a scan of the live-block map made
+    /// at most every minute while there are suspects (absent until the first scan).
+    pub oldest_allocation_age_seconds: Option<f64>,
     pub frames: Vec<Frame>,
 }
 
@@ -71,7 +76,10 @@ struct StackState {
     bytes: u64,
     count: u64,
     mean_age: Option<f64>,
-    /// Labels under which gauges were last published (to remove them when it drops out).
+    /// When its oldest live block was allocated (CLOCK_MONOTONIC ns), from the last scan.
+    oldest_ns: Option<u64>,
+    keys: Vec<UsageKey>,
+    /// Whether its suspicion gauges are published (to remove them when it drops out).
     published: bool,
 }
 
@@ -88,6 +96,8 @@ struct StackSum {
     live_blocks: u64,
     live_time_ms_sum: u64,
     frames: Vec<Frame>,
+    /// The BPF keys (process, stack, caller) merged into this stack.
+    keys: Vec<UsageKey>,
 }
 
 pub struct Agent {
@@ -106,7 +116,11 @@ pub struct Agent {
     metrics: Metrics,
     view: SharedView,
     started: Instant,
+    next_oldest_scan: Option<Instant>,
 }
+
+/// How often, at most, the live-block map is scanned for the oldest block of suspects.
+const OLDEST_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Agent {
     pub fn new(args: AgentArgs, metrics: Metrics, view: SharedView) -> Result<Self> {
@@ -144,6 +158,7 @@ impl Agent {
             metrics,
             view,
             started: Instant::now(),
+            next_oldest_scan: None,
         })
     }
 
@@ -308,6 +323,7 @@ impl Agent {
             sum.count += stack.usage.outstanding_count;
             sum.live_blocks += stack.usage.live_blocks;
             sum.live_time_ms_sum += stack.usage.live_time_ms_sum;
+            sum.keys.push(stack.key);
             if sum.frames.is_empty() {
                 sum.frames = frames;
             }
@@ -352,11 +368,14 @@ impl Agent {
                     bytes: 0,
                     count: 0,
                     mean_age: None,
+                    oldest_ns: None,
+                    keys: Vec::new(),
                     published: false,
                 });
             state.bytes = bytes;
             state.count = report::scaled_count(sum.count);
             state.mean_age = mean_age;
+            state.keys = sum.keys;
             state.series.push(
                 Point {
                     t,
@@ -448,6 +467,9 @@ impl Agent {
                         outstanding_bytes: state.bytes,
                         outstanding_allocations: state.count,
                         mean_age_seconds: state.mean_age,
+                        oldest_allocation_age_seconds: state
+                            .oldest_ns
+                            .map(|ns| (monotonic_ms() - ns as f64 / 1e6).max(0.0) / 1000.0),
                         frames: state.frames.clone(),
                     });
                 }
@@ -464,6 +486,7 @@ impl Agent {
                 .collect();
             profiles.insert(labels.container.clone(), samples);
         }
+        self.scan_oldest();
         suspects.sort_by(|a, b| {
             b.score
                 .total_cmp(&a.score)
@@ -475,6 +498,47 @@ impl Agent {
         view.ready = true;
         view.suspects = suspects;
         view.profiles = profiles;
+    }
+
+    /// Finds the oldest live block of every suspect stack, at most every
+    /// [`OLDEST_SCAN_EVERY`]: the scan reads the whole live-block map.
+    fn scan_oldest(&mut self) {
+        let now = Instant::now();
+        if self.next_oldest_scan.is_some_and(|due| now < due) {
+            return;
+        }
+        let wanted: HashSet<UsageKey> = self
+            .containers
+            .values()
+            .flat_map(|c| c.stacks.values())
+            .filter(|s| s.assessment.suspect)
+            .flat_map(|s| s.keys.iter().copied())
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        self.next_oldest_scan = Some(now + OLDEST_SCAN_EVERY.max(self.args.interval));
+        let oldest = match self.tracer.oldest_live(&wanted) {
+            Ok(oldest) => oldest,
+            Err(e) => {
+                log::warn!("scanning live allocations: {e:#}");
+                return;
+            }
+        };
+        for state in self
+            .containers
+            .values_mut()
+            .flat_map(|c| c.stacks.values_mut())
+        {
+            if state.assessment.suspect {
+                state.oldest_ns = state
+                    .keys
+                    .iter()
+                    .filter_map(|k| oldest.get(k))
+                    .min()
+                    .copied();
+            }
+        }
     }
 
     fn publish_totals(&mut self, snapshot: &Snapshot) {

@@ -274,6 +274,22 @@ impl Tracer {
         self.links.values().map(Vec::len).sum()
     }
 
+    /// The allocation time (`bpf_ktime_get_ns`) of the oldest live block of each stack in
+    /// `stacks`. Reads the whole live-block map (two syscalls per entry): call it rarely.
+    pub fn oldest_live(&self, stacks: &HashSet<UsageKey>) -> Result<HashMap<UsageKey, u64>> {
+        let allocs: BpfHashMap<&MapData, AllocKey, AllocInfo> =
+            BpfHashMap::try_from(self.map(maps::ALLOCS)?)?;
+        let mut oldest: HashMap<UsageKey, u64> = HashMap::new();
+        // Entries may vanish while we walk: skip what fails to read.
+        for (_, info) in allocs.iter().filter_map(Result::ok) {
+            if stacks.contains(&info.usage) {
+                let time = oldest.entry(info.usage).or_insert(info.timestamp_ns);
+                *time = (*time).min(info.timestamp_ns);
+            }
+        }
+        Ok(oldest)
+    }
+
     /// Deletes everything the maps hold about process `tgid` (after it exited).
     pub fn forget(&mut self, tgid: u32) -> Result<()> {
         fn purge<K: aya::Pod, V: aya::Pod>(
