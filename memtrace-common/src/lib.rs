@@ -20,8 +20,10 @@ pub mod maps {
     /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`],
     /// per CPU (sum them).
     pub const PROCESS_TOTALS: &str = "PROCESS_TOTALS";
-    /// User stacks, `BPF_MAP_TYPE_STACK_TRACE`.
+    /// User stacks walked by memtrace itself: stack id → [`crate::StackFrames`].
     pub const STACKS: &str = "STACKS";
+    /// Per-CPU scratch where a stack is built before it is stored.
+    pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
     /// Per-CPU event counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -55,7 +57,10 @@ pub const MUNMAP_MAX_REGIONS: u32 = 8;
 pub const NESTED_MAX_NS: u64 = 1_000_000_000;
 
 /// `stack_id` of an allocation whose stack was not walked (sampled out or walk failed).
-pub const NO_STACK: u32 = u32::MAX;
+pub const NO_STACK: u64 = 0;
+
+/// Frames kept per stack, the allocator's caller included.
+pub const MAX_STACK_DEPTH: usize = 64;
 
 /// Allocation counts are kept in thousandths so that sampled estimates (1/p per sample)
 /// stay integers; with exact tracing every allocation weighs exactly `COUNT_SCALE`.
@@ -69,7 +74,7 @@ pub enum Counter {
     AllocsFull = 0,
     /// `USAGE` was full: a block is in the totals but in no stack.
     UsageFull = 1,
-    /// `bpf_get_stackid` failed (fault, or a hash collision in `STACKS`).
+    /// A stack could not be stored (`STACKS` full) or its first frame not read.
     StackWalkFailed = 2,
     /// `THREADS` was full: an allocator call went untraced.
     ThreadsFull = 3,
@@ -152,12 +157,29 @@ pub struct UsageKey {
     /// cgroup v2 id of the allocating task at allocation time.
     pub cgroup_id: u64,
     pub tgid: u32,
-    /// Id in `STACKS`, or [`NO_STACK`].
-    pub stack_id: u32,
-    /// The allocator's return address, read from `[rsp]` at the probe. The kernel's stack
-    /// walk starts from the caller's saved frame and misses this frame (it repairs that
-    /// only for probes on `push %rbp`/`endbr64`, where it may then appear twice).
-    pub caller: u64,
+    pub _pad: u32,
+    /// Key in `STACKS` (a hash of the frames), or [`NO_STACK`].
+    pub stack_id: u64,
+}
+
+/// A user stack: return addresses, innermost first, starting at the allocator's caller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackFrames {
+    /// How many of `ips` are frames.
+    pub len: u32,
+    pub _pad: u32,
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
+impl Default for StackFrames {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            _pad: 0,
+            ips: [0; MAX_STACK_DEPTH],
+        }
+    }
 }
 
 /// One live block (or mapping).
@@ -254,12 +276,14 @@ mod pod {
     unsafe impl aya::Pod for ProcessKey {}
     unsafe impl aya::Pod for ProcessTotals {}
     unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for StackFrames {}
 }
 
 // Layouts are part of the contract: catch accidental changes (and implicit padding).
 const _: () = {
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<UsageKey>() == 24);
+    assert!(core::mem::size_of::<StackFrames>() == 8 + 8 * MAX_STACK_DEPTH);
     assert!(core::mem::size_of::<AllocInfo>() == 56);
     assert!(core::mem::size_of::<Usage>() == 56);
     assert!(core::mem::size_of::<ProcessKey>() == 16);

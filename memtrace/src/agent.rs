@@ -176,9 +176,7 @@ impl Agent {
                 _ => break,
             }
         }
-        for pid in self.processes.keys().copied().collect::<Vec<_>>() {
-            self.tracer.detach(pid);
-        }
+        self.tracer.finish_detaching();
         Ok(())
     }
 

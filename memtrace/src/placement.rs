@@ -8,7 +8,8 @@
 //!
 //! So the probe goes on the function's first emulated instruction, provided every
 //! instruction before it is *transparent*: it falls through (no branch, no call, no
-//! return), and writes neither memory, nor the stack pointer, nor an argument register.
+//! return), and writes neither memory, nor the stack or frame pointer, nor an argument
+//! register.
 //! Then every call reaches the probe, the arguments are still in their registers, and no
 //! push has happened yet, so `[rsp]` is still the return address: the BPF side reads the
 //! caller from there, and a return probe placed at the same spot hijacks the right slot.
@@ -84,7 +85,8 @@ fn is_emulated(instruction: &Instruction) -> bool {
     }
 }
 
-/// Registers that carry arguments in the SysV x86-64 ABI, and the stack pointer.
+/// Registers that carry arguments in the SysV x86-64 ABI, the stack pointer, and the frame
+/// pointer (the stack walk starts from the caller's).
 fn is_protected(register: Register) -> bool {
     matches!(
         register.full_register(),
@@ -95,6 +97,7 @@ fn is_protected(register: Register) -> bool {
             | Register::R8
             | Register::R9
             | Register::RSP
+            | Register::RBP
     )
 }
 
@@ -193,6 +196,19 @@ mod tests {
     fn stack_pointer_changes_keep_offset_zero() {
         // sub $0x18,%rsp; push %rbx
         let code = [0x48, 0x83, 0xec, 0x18, 0x53];
+        assert_eq!(
+            place(&code),
+            Placement {
+                offset: 0,
+                emulated: false
+            }
+        );
+    }
+
+    #[test]
+    fn writing_the_frame_pointer_keeps_offset_zero() {
+        // mov %rsp,%rbp; push %rbx
+        let code = [0x48, 0x89, 0xe5, 0x53];
         assert_eq!(
             place(&code),
             Placement {

@@ -86,20 +86,14 @@ impl Frame {
 }
 
 /// The frames of a stack as return addresses, innermost first, starting at the
-/// allocator's caller: the caller read at the probe, then the kernel's walk without its
-/// first entry (the probed instruction itself). Kernels that repair entry-point walks
-/// (6.11+, probe on `push %rbp`/`endbr64`) already put the caller second: skip it then.
+/// allocator's caller.
 pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
-    let mut frames = Vec::with_capacity(stack.kernel_frames.len() + 1);
-    if stack.key.caller != 0 {
-        frames.push(stack.key.caller);
-    }
-    let mut rest = stack.kernel_frames.iter().skip(1).copied().peekable();
-    if rest.peek() == Some(&stack.key.caller) {
-        rest.next();
-    }
-    frames.extend(rest.take_while(|ip| *ip != 0));
-    frames
+    stack
+        .frames
+        .iter()
+        .copied()
+        .take_while(|ip| *ip != 0)
+        .collect()
 }
 
 /// Normalizes addresses of one process against its memory map, kept from while it was
@@ -366,39 +360,19 @@ mod tests {
     use super::*;
     use memtrace_common::UsageKey;
 
-    fn stack(caller: u64, kernel_frames: Vec<u64>) -> StackUsage {
-        StackUsage {
+    #[test]
+    fn frames_end_at_the_first_zero() {
+        let stack = StackUsage {
             key: UsageKey {
                 cgroup_id: 1,
                 tgid: 1,
+                _pad: 0,
                 stack_id: 7,
-                caller,
             },
             usage: Default::default(),
-            kernel_frames,
-        }
-    }
-
-    #[test]
-    fn caller_comes_first_and_the_probed_frame_is_dropped() {
-        assert_eq!(
-            return_addresses(&stack(0x10, vec![0xaaa, 0x20, 0x30, 0])),
-            vec![0x10, 0x20, 0x30]
-        );
-    }
-
-    #[test]
-    fn a_kernel_repaired_walk_does_not_repeat_the_caller() {
-        assert_eq!(
-            return_addresses(&stack(0x10, vec![0xaaa, 0x10, 0x20])),
-            vec![0x10, 0x20]
-        );
-    }
-
-    #[test]
-    fn no_walk_leaves_the_caller_alone() {
-        assert_eq!(return_addresses(&stack(0x10, vec![])), vec![0x10]);
-        assert_eq!(return_addresses(&stack(0, vec![])), Vec::<u64>::new());
+            frames: vec![0x10, 0x20, 0, 0x30],
+        };
+        assert_eq!(return_addresses(&stack), vec![0x10, 0x20]);
     }
 
     #[test]

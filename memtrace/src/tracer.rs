@@ -9,15 +9,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Counter, NO_STACK, ProcessKey, ProcessTotals, ThreadState, Usage,
-    UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames, ThreadState,
+    Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement};
@@ -118,9 +118,9 @@ pub struct AttachSummary {
 pub struct StackUsage {
     pub key: UsageKey,
     pub usage: Usage,
-    /// Return addresses from the kernel's walk, innermost first (the allocator's own frame
-    /// first); empty when the stack was not walked.
-    pub kernel_frames: Vec<u64>,
+    /// Return addresses, innermost first, starting at the allocator's caller; empty when
+    /// the stack was not walked.
+    pub frames: Vec<u64>,
 }
 
 /// Everything memtrace knows at one instant.
@@ -134,11 +134,19 @@ pub struct Snapshot {
 
 pub struct Tracer {
     ebpf: Ebpf,
-    /// Stack ids are never reused (memtrace does not delete from `STACKS`).
-    stack_cache: HashMap<u32, Vec<u64>>,
+    /// Stack ids are hashes of their frames: an id always means the same stack.
+    stack_cache: HashMap<u64, Vec<u64>>,
     loaded: HashSet<&'static str>,
     /// Links per traced process, to detach them when it goes.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Threads closing detached links.
+    detaching: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.finish_detaching();
+    }
 }
 
 impl Tracer {
@@ -162,6 +170,7 @@ impl Tracer {
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
+            detaching: Vec::new(),
         })
     }
 
@@ -256,16 +265,45 @@ impl Tracer {
 
     /// Detaches every probe attached for `pid` (none is an error: it may never have
     /// attached, or attached halfway).
+    ///
+    /// Removing a uprobe waits for an SRCU grace period in the kernel (~150 ms each here),
+    /// so links are closed from background threads, concurrently: their waits overlap.
+    /// [`Tracer::finish_detaching`] waits for them.
     pub fn detach(&mut self, pid: u32) {
+        let mut owned = Vec::new();
         for (name, link) in self.links.remove(&pid).unwrap_or_default() {
-            let detached = self
+            let taken = self
                 .ebpf
                 .program_mut(name)
                 .and_then(|p| <&mut UProbe>::try_from(p).ok())
-                .map(|p| p.detach(link));
-            if let Some(Err(e)) = detached {
-                log::debug!("detaching {name} from pid {pid}: {e}");
+                .map(|p| p.take_link(link));
+            match taken {
+                Some(Ok(link)) => owned.push(link),
+                Some(Err(e)) => log::debug!("detaching {name} from pid {pid}: {e}"),
+                None => {}
             }
+        }
+        self.detaching.retain(|t| !t.is_finished());
+        for link in owned {
+            match std::thread::Builder::new()
+                .name("memtrace-detach".into())
+                .spawn(move || drop(link))
+            {
+                Ok(thread) => self.detaching.push(thread),
+                Err(e) => {
+                    log::warn!("no thread to detach a probe of pid {pid} ({e}): detaching inline")
+                }
+            }
+        }
+    }
+
+    /// Detaches everything and waits until the kernel has removed every probe.
+    pub fn finish_detaching(&mut self) {
+        for pid in self.links.keys().copied().collect::<Vec<_>>() {
+            self.detach(pid);
+        }
+        for thread in self.detaching.drain(..) {
+            let _ = thread.join();
         }
     }
 
@@ -343,18 +381,21 @@ impl Tracer {
                 entries.push((key, value));
             }
         }
-        let stacks: StackTraceMap<&MapData> =
-            StackTraceMap::try_from(self.ebpf.map(maps::STACKS).context("no STACKS map")?)?;
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> =
+            BpfHashMap::try_from(self.ebpf.map(maps::STACKS).context("no STACKS map")?)?;
         for (key, value) in entries {
-            let kernel_frames = if key.stack_id == NO_STACK {
+            let frames = if key.stack_id == NO_STACK {
                 Vec::new()
             } else if let Some(frames) = self.stack_cache.get(&key.stack_id) {
                 frames.clone()
             } else {
                 let frames: Vec<u64> = match stacks.get(&key.stack_id, 0) {
-                    Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
+                    Ok(stack) => {
+                        let len = (stack.len as usize).min(stack.ips.len());
+                        stack.ips[..len].to_vec()
+                    }
                     Err(e) => {
-                        log::debug!("stack {} unreadable: {e}", key.stack_id);
+                        log::debug!("stack {:#x} unreadable: {e}", key.stack_id);
                         Vec::new()
                     }
                 };
@@ -364,7 +405,7 @@ impl Tracer {
             snapshot.stacks.push(StackUsage {
                 key,
                 usage: value,
-                kernel_frames,
+                frames,
             });
         }
 

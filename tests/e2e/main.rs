@@ -7,8 +7,15 @@
 //! ends, also when it panics. Tests take a global lock, so they run one at a
 //! time whatever `--test-threads` says.
 
+mod agent_util;
 mod util;
 
+mod agent_env;
+mod agent_follow;
+mod agent_pprof;
+mod agent_prometheus;
+mod agent_shapes;
+mod agent_signals;
 mod errors;
 mod exact;
 mod isolation;

@@ -76,7 +76,7 @@ fn fixture_src_dir() -> PathBuf {
 
 /// Every dynamically linked fixture, compiled once per test run.
 const FIXTURES: &[&str] = &[
-    "baseline", "exact", "realloc", "munmap", "nested", "threads", "waiter", "sampling",
+    "baseline", "exact", "realloc", "munmap", "nested", "threads", "waiter", "sampling", "shapes",
 ];
 
 struct FixtureDir {
@@ -803,4 +803,148 @@ pub fn assert_nothing_outstanding(report: &Report, function: &str) {
         "{function}: expected nothing outstanding\n{}",
         report.summary()
     );
+}
+
+// ---------------------------------------------------------------------------
+// A minimal blocking HTTP client (for the agent's and Prometheus's endpoints)
+
+/// Upper bound for one HTTP request (connect, send, read the whole response).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A response read to the end.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked (not decompressed).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` on `addr` over HTTP/1.1 with `Connection: close`; handles chunked and
+/// length-delimited bodies. Errors (connection refused, timeout, malformed response) are
+/// returned, not panicked on, so that callers can poll a server that is still starting.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<HttpResponse, String> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(HTTP_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HTTP_TIMEOUT)))
+        .map_err(|e| format!("setting timeouts: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: memtrace-e2e\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("sending GET {path} to {addr}: {e}"))?;
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "GET {path} from {addr}: no complete response within {HTTP_TIMEOUT:?}"
+            ));
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(format!(
+                    "reading the response to GET {path} from {addr}: {e}"
+                ));
+            }
+        }
+    }
+    parse_http_response(&raw).map_err(|e| format!("GET {path} from {addr}: {e}"))
+}
+
+fn parse_http_response(raw: &[u8]) -> Result<HttpResponse, String> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {} bytes", raw.len()))?;
+    let head =
+        std::str::from_utf8(&raw[..head_end]).map_err(|e| format!("headers not UTF-8: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[head_end + 4..];
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let body = if header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    {
+        dechunk(rest)?
+    } else if let Some(len) = header("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| format!("bad content-length {len:?}"))?;
+        if rest.len() < len {
+            return Err(format!(
+                "body has {} bytes, content-length says {len}",
+                rest.len()
+            ));
+        }
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size line")?;
+        let size_text =
+            std::str::from_utf8(&data[..line_end]).map_err(|_| "chunk size not UTF-8")?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        if data.len() < size + 2 {
+            return Err("truncated chunk".into());
+        }
+        body.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }

@@ -27,6 +27,9 @@ const EXACT: &str = "memtrace_exact";
 const TARGET_RATIO: f64 = 1.3;
 
 pub fn run(root: &Path) -> Result<()> {
+    if std::env::var_os("TMP_AGENT_ONLY").is_some() {
+        return crate::bench_agent::run(root, &target_dir(root));
+    } // TEMP
     ensure_bpftrace()?;
     let target_dir = target_dir(root);
     let criterion_dir = target_dir.join("criterion");
@@ -117,6 +120,9 @@ pub fn run(root: &Path) -> Result<()> {
     let report = target_dir.join("bench-overhead.md");
     std::fs::write(&report, markdown).with_context(|| format!("writing {}", report.display()))?;
     println!("xtask: table written to {}", report.display());
+
+    // The agent's own cost and its /metrics scrape: tables in target/bench-agent.md.
+    crate::bench_agent::run(root, &target_dir)?;
     Ok(())
 }
 

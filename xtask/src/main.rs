@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_agent;
 mod ebpf_build;
 
 #[derive(Parser)]
