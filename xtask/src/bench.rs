@@ -27,9 +27,6 @@ const EXACT: &str = "memtrace_exact";
 const TARGET_RATIO: f64 = 1.3;
 
 pub fn run(root: &Path) -> Result<()> {
-    if std::env::var_os("TMP_AGENT_ONLY").is_some() {
-        return crate::bench_agent::run(root, &target_dir(root));
-    } // TEMP
     ensure_bpftrace()?;
     let target_dir = target_dir(root);
     let criterion_dir = target_dir.join("criterion");
