@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
@@ -139,8 +139,11 @@ pub struct Tracer {
     loaded: HashSet<&'static str>,
     /// Links per traced process, to detach them when it goes.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
-    /// Threads closing detached links.
-    detaching: Vec<std::thread::JoinHandle<()>>,
+    /// The thread closing detached links, and its channel.
+    detacher: Option<(
+        std::sync::mpsc::Sender<UProbeLink>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Drop for Tracer {
@@ -170,7 +173,7 @@ impl Tracer {
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
-            detaching: Vec::new(),
+            detacher: None,
         })
     }
 
@@ -266,11 +269,11 @@ impl Tracer {
     /// Detaches every probe attached for `pid` (none is an error: it may never have
     /// attached, or attached halfway).
     ///
-    /// Removing a uprobe waits for an SRCU grace period in the kernel (~150 ms each here),
-    /// so links are closed from background threads, concurrently: their waits overlap.
-    /// [`Tracer::finish_detaching`] waits for them.
+    /// Removing a uprobe is slow in the kernel (80–240 ms per probe measured on 6.18, and
+    /// serialized: closing links from many threads at once was no faster), so links are
+    /// handed to a background thread and the caller goes on at once.
+    /// [`Tracer::finish_detaching`] waits until all are closed.
     pub fn detach(&mut self, pid: u32) {
-        let mut owned = Vec::new();
         for (name, link) in self.links.remove(&pid).unwrap_or_default() {
             let taken = self
                 .ebpf
@@ -278,23 +281,20 @@ impl Tracer {
                 .and_then(|p| <&mut UProbe>::try_from(p).ok())
                 .map(|p| p.take_link(link));
             match taken {
-                Some(Ok(link)) => owned.push(link),
+                Some(Ok(link)) => {
+                    if let Err(unsent) = self.detacher().send(link) {
+                        drop(unsent.0); // the thread is gone: close it here
+                    }
+                }
                 Some(Err(e)) => log::debug!("detaching {name} from pid {pid}: {e}"),
                 None => {}
             }
         }
-        self.detaching.retain(|t| !t.is_finished());
-        for link in owned {
-            match std::thread::Builder::new()
-                .name("memtrace-detach".into())
-                .spawn(move || drop(link))
-            {
-                Ok(thread) => self.detaching.push(thread),
-                Err(e) => {
-                    log::warn!("no thread to detach a probe of pid {pid} ({e}): detaching inline")
-                }
-            }
-        }
+    }
+
+    /// The channel to the thread that closes links, started on first use.
+    fn detacher(&mut self) -> &std::sync::mpsc::Sender<UProbeLink> {
+        &self.detacher.get_or_insert_with(spawn_detacher).0
     }
 
     /// Detaches everything and waits until the kernel has removed every probe.
@@ -302,7 +302,8 @@ impl Tracer {
         for pid in self.links.keys().copied().collect::<Vec<_>>() {
             self.detach(pid);
         }
-        for thread in self.detaching.drain(..) {
+        if let Some((sender, thread)) = self.detacher.take() {
+            drop(sender);
             let _ = thread.join();
         }
     }
@@ -432,6 +433,19 @@ impl Tracer {
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))
     }
+}
+
+/// Starts the thread that closes detached links, fed by the returned channel.
+fn spawn_detacher() -> (
+    std::sync::mpsc::Sender<UProbeLink>,
+    std::thread::JoinHandle<()>,
+) {
+    let (sender, receiver) = std::sync::mpsc::channel::<UProbeLink>();
+    let thread = std::thread::Builder::new()
+        .name("memtrace-detach".into())
+        .spawn(move || receiver.into_iter().for_each(drop))
+        .expect("spawning the detach thread");
+    (sender, thread)
 }
 
 /// Sums per-CPU totals (each CPU's values wrap independently; the sum is exact).
