@@ -8,6 +8,7 @@
 //! time whatever `--test-threads` says.
 
 mod agent_util;
+mod deploy_util;
 mod util;
 
 mod agent_env;
@@ -16,6 +17,10 @@ mod agent_pprof;
 mod agent_prometheus;
 mod agent_shapes;
 mod agent_signals;
+mod deploy_capabilities;
+mod deploy_dashboard;
+mod deploy_manifests;
+mod deploy_rules;
 mod errors;
 mod exact;
 mod isolation;

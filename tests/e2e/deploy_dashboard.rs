@@ -1,0 +1,335 @@
+//! Every query of `deploy/grafana/memtrace.json` runs against a real Prometheus that has
+//! scraped a real agent tracing a leaking fixture, and returns data, unless it needs a
+//! metric listed in [`NEEDS_ABSENT`] (an exporter or a memtrace feature this test does not
+//! have).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agent_util::*;
+use crate::deploy_util::*;
+use crate::util::*;
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// How long the leaky fixture gets to become a suspect (and a leak event) in Prometheus.
+const LEAK_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Metrics the dashboard uses that this test cannot produce, and why. A query that names
+/// one of them may return nothing; every entry must be used by some query.
+const NEEDS_ABSENT: &[(&str, &str)] = &[
+    (
+        "memtrace_python_live_objects",
+        "coming with the CPython support",
+    ),
+    (
+        "memtrace_python_gc_collections_total",
+        "coming with the CPython support",
+    ),
+    (
+        "memtrace_python_gc_duration_seconds_bucket",
+        "coming with the CPython support",
+    ),
+    (
+        "django_http_requests_total_by_method_total",
+        "the request-rate metric (django-prometheus), from the application",
+    ),
+];
+
+/// Values for the dashboard's variables (Grafana's built-ins included).
+fn substitute(expr: &str, vars: &[(&str, String)]) -> String {
+    let mut out = expr.to_owned();
+    // Longest names first, `${x}` before `$x`, so that `$pod` does not eat `$pods`.
+    let mut sorted: Vec<&(&str, String)> = vars.iter().collect();
+    sorted.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
+    for (name, value) in sorted {
+        out = out.replace(&format!("${{{name}}}"), value);
+        out = out.replace(&format!("${name}"), value);
+    }
+    out
+}
+
+/// `(panel title, refId, expr)` of every target, rows' nested panels included.
+fn targets(panels: &Value, out: &mut Vec<(String, String, String)>) {
+    for panel in panels.as_array().into_iter().flatten() {
+        let title = panel["title"].as_str().unwrap_or_default().to_owned();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("panel {title:?}: a target without expr: {target}"));
+            let ref_id = target["refId"].as_str().unwrap_or_default().to_owned();
+            out.push((title.clone(), ref_id, expr.to_owned()));
+        }
+        targets(&panel["panels"], out);
+    }
+}
+
+/// A Prometheus with a temporary config and TSDB, scraping one target every second;
+/// killed when dropped.
+struct Prometheus {
+    proc: Proc,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        assert!(
+            Path::new(PROMETHEUS).is_file(),
+            "{PROMETHEUS} is missing: this test runs a real Prometheus (`apt-get install prometheus`)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("memtrace-e2e-dashboard-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating a temporary directory: {e}"));
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+        let addr = free_addr();
+        let mut cmd = Command::new(PROMETHEUS);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn");
+        let prometheus = Prometheus {
+            proc: Proc::spawn(format!("prometheus on {addr}"), cmd),
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            match http_get(prometheus.addr, "/-/ready") {
+                Ok(r) if r.status == 200 => break,
+                _ if Instant::now() >= deadline => panic!(
+                    "prometheus: not ready within {WAIT_TIMEOUT:?}\n--- stderr ---\n{}",
+                    prometheus.proc.stderr_so_far()
+                ),
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        prometheus
+    }
+
+    /// An instant query: `Ok(result list)` or `Err(Prometheus's error)`.
+    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let response = http_get(self.addr, &path).unwrap_or_else(|e| {
+            panic!(
+                "prometheus: {e}\n--- stderr ---\n{}",
+                self.proc.stderr_so_far()
+            )
+        });
+        let body: Value = serde_json::from_slice(&response.body)
+            .map_err(|e| format!("{} non-JSON ({e}): {}", response.status, response.text()))?;
+        if response.status != 200 || body["status"] != "success" {
+            return Err(format!("{} {body}", response.status));
+        }
+        match &body["data"]["result"] {
+            Value::Array(series) => Ok(series.clone()),
+            // A scalar or string result: one value.
+            other => Ok(vec![other.clone()]),
+        }
+    }
+}
+
+fn describe(results: &[Value]) -> String {
+    results
+        .iter()
+        .take(3)
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn deploy_dashboard() {
+    let path = deploy_dir().join("grafana/memtrace.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    // Provisionable: a uid, a schema version, every query through the datasource variable.
+    assert_eq!(dashboard["uid"], "memtrace");
+    assert!(dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36));
+    assert!(
+        dashboard["id"].is_null(),
+        "provisioned dashboards carry no id"
+    );
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    let var = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no template variable {name}"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    for name in ["namespace", "pod", "container"] {
+        let definition = var(name)["definition"].as_str().unwrap_or_default();
+        assert!(
+            definition.starts_with("label_values(memtrace_outstanding_bytes")
+                && definition.ends_with(&format!(", {name})")),
+            "variable {name}: {definition}"
+        );
+    }
+    let request_metric = var("request_rate_metric")["current"]["value"]
+        .as_str()
+        .expect("request_rate_metric has a default")
+        .to_owned();
+    var("agent_url");
+    let mut all = Vec::new();
+    targets(&dashboard["panels"], &mut all);
+    assert!(all.len() >= 20, "only {} queries", all.len());
+    let mut panels_without_source = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        if panel["type"] != "row" && panel["datasource"]["uid"] != "${datasource}" {
+            panels_without_source.push(panel["title"].to_string());
+        }
+    }
+    assert!(
+        panels_without_source.is_empty(),
+        "panels not on ${{datasource}}: {panels_without_source:?}"
+    );
+    for (metric, _) in NEEDS_ABSENT {
+        assert!(
+            all.iter().any(|(_, _, e)| e.contains(metric)) || *metric == request_metric,
+            "NEEDS_ABSENT lists {metric}, which no query uses"
+        );
+    }
+    let flame_link = text.contains("${agent_url}/flamegraph.svg?container=");
+    assert!(flame_link, "no data link to the agent's flame graph");
+
+    // A real agent tracing a leak, scraped by a real Prometheus.
+    let _serial = serial();
+    require_root();
+    let mut cgroups = TestCgroups::new("dashboard");
+    let leaky = cgroups.create("leaky");
+    let pattern = format!("{}/*", cgroups.root_pattern());
+    let agent = Agent::start(&[
+        "--cgroup",
+        &pattern,
+        "--interval",
+        "500ms",
+        "--window",
+        "15s",
+        "--threshold",
+        &THRESHOLD.to_string(),
+    ]);
+    agent.wait_ready();
+    let prometheus = Prometheus::start(agent.addr);
+    let fixture = start_shape(&leaky, &["steady"]);
+    agent.wait_traced(1, WAIT_TIMEOUT);
+    fixture.signal(libc::SIGUSR1);
+
+    // Wait until the leak is a suspect and its event counter is in Prometheus.
+    let events = format!("memtrace_leak_events_total{{container={:?}}}", leaky.label);
+    let started = Instant::now();
+    loop {
+        if prometheus.query(&events).is_ok_and(|r| !r.is_empty()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < LEAK_DEADLINE,
+            "no {events} in Prometheus within {LEAK_DEADLINE:?}\n--- agent /metrics ---\n{}\n--- agent stderr ---\n{}",
+            agent.scrape().memtrace_lines(),
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // A few more scrapes, so that every rate has two points after the event.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let vars: Vec<(&str, String)> = vec![
+        ("namespace", ".*".into()),
+        ("pod", ".*".into()),
+        ("container", leaky.label.clone()),
+        ("job", "memtrace".into()),
+        ("request_rate_metric", request_metric.clone()),
+        ("__rate_interval", "1m".into()),
+        ("__interval", "15s".into()),
+        ("__range", "5m".into()),
+    ];
+    // The variables' own queries return something (namespace and pod are empty labels
+    // off Kubernetes, so only their selectors are checked).
+    for name in ["job", "namespace", "pod", "container"] {
+        let definition = var(name)["definition"].as_str().unwrap_or_default();
+        let selector = definition
+            .strip_prefix("label_values(")
+            .and_then(|d| d.rsplit_once(", "))
+            .map(|(s, _)| s)
+            .unwrap_or_else(|| panic!("variable {name}: {definition}"));
+        let promql = substitute(selector, &vars);
+        let result = prometheus
+            .query(&promql)
+            .unwrap_or_else(|e| panic!("variable {name}: {promql}: {e}"));
+        assert!(
+            !result.is_empty(),
+            "variable {name}: {promql} returns nothing"
+        );
+    }
+
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for (title, ref_id, expr) in &all {
+        let promql = substitute(expr, &vars);
+        assert!(
+            !promql.contains('$'),
+            "{title} {ref_id}: unsubstituted variable in {promql}"
+        );
+        let absent = NEEDS_ABSENT.iter().find(|(m, _)| promql.contains(m));
+        match prometheus.query(&promql) {
+            Err(e) => failures.push(format!("{title} {ref_id}: {promql}\n    error: {e}")),
+            Ok(r) if r.is_empty() && absent.is_none() => {
+                failures.push(format!("{title} {ref_id}: {promql}\n    returned no data"))
+            }
+            Ok(r) => report.push(format!(
+                "{title} {ref_id}: {} series{}",
+                r.len(),
+                absent
+                    .map(|(m, why)| format!(" (needs {m}: {why})"))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    // The alert rules' expressions are valid against the same data (whether they fire is
+    // promtool's business: deploy_rules).
+    let rules = yaml_file(&deploy_dir().join("prometheus/memtrace-rules.yml"));
+    for group in rules["groups"].as_array().into_iter().flatten() {
+        for rule in group["rules"].as_array().into_iter().flatten() {
+            let expr = rule["expr"].as_str().unwrap_or_default();
+            if let Err(e) = prometheus.query(expr) {
+                failures.push(format!("alert {}: {expr}\n    error: {e}", rule["alert"]));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} dashboard queries failed:\n  {}\n--- passed ---\n  {}\n--- up ---\n{}",
+        failures.len(),
+        all.len(),
+        failures.join("\n  "),
+        report.join("\n  "),
+        prometheus
+            .query("up")
+            .map(|r| describe(&r))
+            .unwrap_or_else(|e| e)
+    );
+    eprintln!("dashboard queries:\n  {}", report.join("\n  "));
+    drop(fixture);
+    drop(prometheus);
+    drop(agent);
+}
