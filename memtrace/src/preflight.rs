@@ -8,8 +8,10 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Capabilities memtrace cannot trace without, by name. CAP_SYS_ADMIN stands in for
-/// CAP_BPF and CAP_PERFMON on every kernel (and is the only option before 5.8).
+/// Capabilities memtrace cannot trace without, by name. CAP_SYS_ADMIN covers CAP_BPF
+/// and CAP_PERFMON, and opening a uprobe perf event needs it itself: with CAP_BPF,
+/// CAP_PERFMON and CAP_SYS_PTRACE but not CAP_SYS_ADMIN, `perf_event_open` of a uprobe
+/// fails with EACCES on 6.18 (measured; see deploy/kubernetes/overlays/capabilities).
 pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
     let has = |cap: u32| effective & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) {
@@ -22,6 +24,7 @@ pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
     if !has(CAP_PERFMON) {
         missing.push("CAP_PERFMON");
     }
+    missing.push("CAP_SYS_ADMIN");
     missing
 }
 
@@ -38,10 +41,9 @@ pub fn check(sysfs: &Path) -> Result<()> {
     let missing = missing_capabilities(effective);
     if !missing.is_empty() {
         bail!(
-            "memtrace needs root, or the capabilities {} (and CAP_SYS_PTRACE, CAP_SYS_RESOURCE); \
-             this process lacks {}",
-            "CAP_BPF and CAP_PERFMON",
-            missing.join(" and ")
+            "memtrace needs root, or CAP_SYS_ADMIN with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \
+             (uprobe perf events need CAP_SYS_ADMIN); this process lacks {}",
+            missing.join(", ")
         );
     }
     check_kernel(sysfs)
@@ -70,9 +72,18 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_PERFMON"]);
-        assert_eq!(missing_capabilities(1 << CAP_BPF), vec!["CAP_PERFMON"]);
-        assert!(missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)).is_empty());
+        assert_eq!(
+            missing_capabilities(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
+        );
+        assert_eq!(
+            missing_capabilities(1 << CAP_BPF),
+            vec!["CAP_PERFMON", "CAP_SYS_ADMIN"]
+        );
+        assert_eq!(
+            missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)),
+            vec!["CAP_SYS_ADMIN"]
+        );
         assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
     }
 

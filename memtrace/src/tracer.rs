@@ -468,8 +468,8 @@ fn explain_load_error(error: anyhow::Error) -> anyhow::Error {
         || text.contains("os error 1)")
     {
         return error.context(
-            "the kernel refused to load BPF programs: memtrace needs root, or CAP_BPF, \
-             CAP_PERFMON and CAP_SYS_RESOURCE",
+            "the kernel refused to load BPF programs: memtrace needs root, or CAP_SYS_ADMIN, \
+             CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE",
         );
     }
     error

@@ -17,6 +17,7 @@ mod agent_pprof;
 mod agent_prometheus;
 mod agent_shapes;
 mod agent_signals;
+mod attach_race;
 mod deploy_capabilities;
 mod deploy_dashboard;
 mod deploy_manifests;
