@@ -1,124 +1,13 @@
 //! A real Prometheus scrapes the agent: the leaky container's suspicion reaches the
 //! threshold in Prometheus's own query API, the churning container's does not.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::agent_util::*;
+use crate::prometheus::Prometheus;
 use crate::util::*;
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 const ALARM_DEADLINE: Duration = Duration::from_secs(45);
-
-/// A running Prometheus with a temporary config and TSDB, killed when dropped.
-struct Prometheus {
-    proc: Proc,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        assert!(
-            Path::new(PROMETHEUS).is_file(),
-            "{PROMETHEUS} is missing: this test runs a real Prometheus \
-             (`cargo xtask test` installs it; or `apt-get install prometheus`)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("memtrace-e2e-prometheus-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("creating a temporary directory: {e}"));
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
-        let addr = free_addr();
-        let mut cmd = Command::new(PROMETHEUS);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn");
-        let proc = Proc::spawn(format!("prometheus on {addr}"), cmd);
-        let prometheus = Prometheus {
-            proc,
-            addr,
-            _dir: dir,
-        };
-        prometheus.wait_ready();
-        prometheus
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            match http_get(self.addr, "/-/ready") {
-                Ok(r) if r.status == 200 => return,
-                Ok(r) => last = format!("{} {}", r.status, r.text().trim()),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "prometheus: /-/ready not 200 within {WAIT_TIMEOUT:?} (last: {last})\n--- stderr ---\n{}",
-            self.proc.stderr_so_far()
-        );
-    }
-
-    /// An instant query: `(labels, value)` per series of the result vector.
-    fn query(&self, promql: &str) -> Vec<(serde_json::Value, f64)> {
-        let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let response = http_get(self.addr, &path).unwrap_or_else(|e| {
-            panic!(
-                "prometheus: {e}\n--- stderr ---\n{}",
-                self.proc.stderr_so_far()
-            )
-        });
-        let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_else(|e| {
-            panic!(
-                "prometheus: {path} answered {} with non-JSON ({e}): {}",
-                response.status,
-                response.text()
-            )
-        });
-        assert!(
-            response.status == 200 && body["status"] == "success",
-            "prometheus: {path} failed: {} {body}",
-            response.status
-        );
-        assert_eq!(body["data"]["resultType"], "vector", "{body}");
-        body["data"]["result"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no result list: {body}"))
-            .iter()
-            .map(|r| {
-                let value = r["value"][1]
-                    .as_str()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or_else(|| panic!("bad sample value in {r}"));
-                (r["metric"].clone(), value)
-            })
-            .collect()
-    }
-
-    /// The value of the series whose `container` label is `container`.
-    fn container_value(&self, promql: &str, container: &str) -> Option<f64> {
-        self.query(promql)
-            .into_iter()
-            .find(|(labels, _)| labels["container"] == container)
-            .map(|(_, v)| v)
-    }
-}
 
 #[test]
 fn agent_prometheus_scrape() {

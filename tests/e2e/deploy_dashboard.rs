@@ -3,18 +3,15 @@
 //! metric listed in [`NEEDS_ABSENT`] (an exporter or a memtrace feature this test does not
 //! have).
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::agent_util::*;
 use crate::deploy_util::*;
+use crate::prometheus::Prometheus;
 use crate::util::*;
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 /// How long the leaky fixture gets to become a suspect (and a leak event) in Prometheus.
 const LEAK_DEADLINE: Duration = Duration::from_secs(45);
 
@@ -64,83 +61,6 @@ fn targets(panels: &Value, out: &mut Vec<(String, String, String)>) {
             out.push((title.clone(), ref_id, expr.to_owned()));
         }
         targets(&panel["panels"], out);
-    }
-}
-
-/// A Prometheus with a temporary config and TSDB, scraping one target every second;
-/// killed when dropped.
-struct Prometheus {
-    proc: Proc,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        assert!(
-            Path::new(PROMETHEUS).is_file(),
-            "{PROMETHEUS} is missing: this test runs a real Prometheus (`apt-get install prometheus`)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("memtrace-e2e-dashboard-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("creating a temporary directory: {e}"));
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
-        let addr = free_addr();
-        let mut cmd = Command::new(PROMETHEUS);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn");
-        let prometheus = Prometheus {
-            proc: Proc::spawn(format!("prometheus on {addr}"), cmd),
-            addr,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        loop {
-            match http_get(prometheus.addr, "/-/ready") {
-                Ok(r) if r.status == 200 => break,
-                _ if Instant::now() >= deadline => panic!(
-                    "prometheus: not ready within {WAIT_TIMEOUT:?}\n--- stderr ---\n{}",
-                    prometheus.proc.stderr_so_far()
-                ),
-                _ => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
-        prometheus
-    }
-
-    /// An instant query: `Ok(result list)` or `Err(Prometheus's error)`.
-    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
-        let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let response = http_get(self.addr, &path).unwrap_or_else(|e| {
-            panic!(
-                "prometheus: {e}\n--- stderr ---\n{}",
-                self.proc.stderr_so_far()
-            )
-        });
-        let body: Value = serde_json::from_slice(&response.body)
-            .map_err(|e| format!("{} non-JSON ({e}): {}", response.status, response.text()))?;
-        if response.status != 200 || body["status"] != "success" {
-            return Err(format!("{} {body}", response.status));
-        }
-        match &body["data"]["result"] {
-            Value::Array(series) => Ok(series.clone()),
-            // A scalar or string result: one value.
-            other => Ok(vec![other.clone()]),
-        }
     }
 }
 
@@ -239,7 +159,7 @@ fn deploy_dashboard() {
     let events = format!("memtrace_leak_events_total{{container={:?}}}", leaky.label);
     let started = Instant::now();
     loop {
-        if prometheus.query(&events).is_ok_and(|r| !r.is_empty()) {
+        if prometheus.try_query(&events).is_ok_and(|r| !r.is_empty()) {
             break;
         }
         assert!(
@@ -274,7 +194,7 @@ fn deploy_dashboard() {
             .unwrap_or_else(|| panic!("variable {name}: {definition}"));
         let promql = substitute(selector, &vars);
         let result = prometheus
-            .query(&promql)
+            .try_query(&promql)
             .unwrap_or_else(|e| panic!("variable {name}: {promql}: {e}"));
         assert!(
             !result.is_empty(),
@@ -291,7 +211,7 @@ fn deploy_dashboard() {
             "{title} {ref_id}: unsubstituted variable in {promql}"
         );
         let absent = NEEDS_ABSENT.iter().find(|(m, _)| promql.contains(m));
-        match prometheus.query(&promql) {
+        match prometheus.try_query(&promql) {
             Err(e) => failures.push(format!("{title} {ref_id}: {promql}\n    error: {e}")),
             Ok(r) if r.is_empty() && absent.is_none() => {
                 failures.push(format!("{title} {ref_id}: {promql}\n    returned no data"))
@@ -311,7 +231,7 @@ fn deploy_dashboard() {
     for group in rules["groups"].as_array().into_iter().flatten() {
         for rule in group["rules"].as_array().into_iter().flatten() {
             let expr = rule["expr"].as_str().unwrap_or_default();
-            if let Err(e) = prometheus.query(expr) {
+            if let Err(e) = prometheus.try_query(expr) {
                 failures.push(format!("alert {}: {expr}\n    error: {e}", rule["alert"]));
             }
         }
@@ -324,7 +244,7 @@ fn deploy_dashboard() {
         failures.join("\n  "),
         report.join("\n  "),
         prometheus
-            .query("up")
+            .try_query("up")
             .map(|r| describe(&r))
             .unwrap_or_else(|e| e)
     );

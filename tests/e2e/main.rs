@@ -9,6 +9,7 @@
 
 mod agent_util;
 mod deploy_util;
+mod prometheus;
 mod util;
 
 mod agent_env;

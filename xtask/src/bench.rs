@@ -167,49 +167,27 @@ fn target_dir(root: &Path) -> PathBuf {
 
 /// Criterion's estimate of the mean time of one iteration, in ns.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Mean {
-    point_ns: f64,
-    lower_ns: f64,
-    upper_ns: f64,
+pub(crate) struct Mean {
+    pub(crate) point_ns: f64,
+    pub(crate) lower_ns: f64,
+    pub(crate) upper_ns: f64,
 }
 
 impl Mean {
     /// Reads `mean` out of criterion's `estimates.json`:
-    /// `{"mean":{"confidence_interval":{"confidence_level":..,"lower_bound":..,
-    /// "upper_bound":..},"point_estimate":..,"standard_error":..},"median":{..},..}`.
-    fn parse(json: &str) -> Result<Self> {
-        let start = json.find("\"mean\"").context("no \"mean\"")?;
-        // The mean's object ends at the second `}` (the first closes its confidence interval).
-        let body = &json[start..];
-        let end = body
-            .match_indices('}')
-            .nth(1)
-            .map(|(i, _)| i)
-            .context("unterminated \"mean\"")?;
-        let mean = &body[..end];
+    /// `{"mean":{"confidence_interval":{"lower_bound":..,"upper_bound":..},"point_estimate":..},..}`.
+    pub(crate) fn parse(json: &str) -> Result<Self> {
+        let estimates: serde_json::Value = serde_json::from_str(json).context("not JSON")?;
+        let mean = &estimates["mean"];
+        let number = |value: &serde_json::Value, what: &str| {
+            value.as_f64().with_context(|| format!("no mean {what}"))
+        };
         Ok(Self {
-            point_ns: number_after(mean, "point_estimate")?,
-            lower_ns: number_after(mean, "lower_bound")?,
-            upper_ns: number_after(mean, "upper_bound")?,
+            point_ns: number(&mean["point_estimate"], "point_estimate")?,
+            lower_ns: number(&mean["confidence_interval"]["lower_bound"], "lower_bound")?,
+            upper_ns: number(&mean["confidence_interval"]["upper_bound"], "upper_bound")?,
         })
     }
-}
-
-/// The number following `"key":` in `json`.
-fn number_after(json: &str, key: &str) -> Result<f64> {
-    let quoted = format!("\"{key}\"");
-    let at = json.find(&quoted).with_context(|| format!("no {quoted}"))?;
-    let rest = json[at + quoted.len()..].trim_start();
-    let rest = rest
-        .strip_prefix(':')
-        .with_context(|| format!("no value after {quoted}"))?
-        .trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
-        .unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .with_context(|| format!("{quoted} is not a number: {:?}", &rest[..end]))
 }
 
 fn micros(ns: f64) -> String {

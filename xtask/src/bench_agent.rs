@@ -262,7 +262,11 @@ fn scrape_table(root: &Path, target_dir: &Path) -> Result<String> {
             bail!("{function}: {} is from an earlier run", path.display());
         }
         let json = std::fs::read_to_string(&path)?;
-        let (point, lower, upper) = criterion_mean(&json)
+        let crate::bench::Mean {
+            point_ns: point,
+            lower_ns: lower,
+            upper_ns: upper,
+        } = crate::bench::Mean::parse(&json)
             .with_context(|| format!("reading the mean from {}", path.display()))?;
         writeln!(
             table,
@@ -274,46 +278,6 @@ fn scrape_table(root: &Path, target_dir: &Path) -> Result<String> {
         )?;
     }
     Ok(table)
-}
-
-/// The mean's point estimate and 95% bounds (ns) from criterion's `estimates.json`.
-fn criterion_mean(json: &str) -> Result<(f64, f64, f64)> {
-    let at = json.find("\"mean\":").context("no mean")?;
-    // The mean's object: from its `{` to the matching `}`.
-    let body = &json[at..];
-    let open = body.find('{').context("no mean object")?;
-    let mut depth = 0;
-    let mut close = None;
-    for (i, c) in body[open..].char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    close = Some(open + i);
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    let mean = &body[open..close.context("unterminated mean")?];
-    let value = |key: &str| -> Result<f64> {
-        let pattern = format!("\"{key}\":");
-        let start = mean.find(&pattern).with_context(|| format!("no {key}"))? + pattern.len();
-        let text: String = mean[start..]
-            .chars()
-            .skip_while(|c| c.is_whitespace())
-            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
-            .collect();
-        text.parse()
-            .with_context(|| format!("{key} is not a number: {text:?}"))
-    };
-    Ok((
-        value("point_estimate")?,
-        value("lower_bound")?,
-        value("upper_bound")?,
-    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -828,13 +792,6 @@ fn machine() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_criterion_mean() {
-        let json = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.5e7,"upper_bound":1.7e7},"point_estimate":1.6e7,"standard_error":1.0},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":1.5,"standard_error":0.1}}"#;
-        assert_eq!(criterion_mean(json).unwrap(), (1.6e7, 1.5e7, 1.7e7));
-        assert!(criterion_mean(r#"{"median":{"point_estimate":1.0}}"#).is_err());
-    }
 
     #[test]
     fn reads_samples_with_and_without_labels() {
