@@ -101,7 +101,10 @@ pub fn run(root: &Path) -> Result<()> {
          (target ≤ {TARGET_RATIO}×): {verdict}.",
         ratio(exact_ratio)
     );
-    let machine = machine();
+    let machine = match bpftrace_version() {
+        Some(bpftrace) => format!("{}, {bpftrace}", machine()),
+        None => machine(),
+    };
 
     println!();
     println!("Overhead per malloc+free pair ({machine}):");
@@ -202,32 +205,36 @@ fn ratio(r: f64) -> String {
     }
 }
 
-/// Kernel release and CPU model, which the numbers depend on most.
-fn machine() -> String {
+/// Kernel release, CPU model and count, which the numbers depend on most.
+pub(crate) fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
+        .map(|s| format!("Linux {}", s.trim()))
         .ok();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
             info.lines()
-                .find_map(|line| {
-                    line.strip_prefix("model name")
-                        .and_then(|rest| rest.split_once(':'))
-                })
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
                 .map(|(_, model)| model.trim().to_owned())
         });
-    let bpftrace = Command::new("bpftrace")
-        .arg("--version")
-        .output()
+    let cpus = std::thread::available_parallelism()
         .ok()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .filter(|v| !v.is_empty());
-    [kernel.map(|k| format!("Linux {k}")), cpu, bpftrace]
+        .map(|n| format!("{n} CPUs"));
+    [kernel, cpu, cpus]
         .into_iter()
         .flatten()
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The bpftrace version, if it is installed.
+fn bpftrace_version() -> Option<String> {
+    Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

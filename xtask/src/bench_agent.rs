@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
 "#;
 
 pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
-    let machine = machine();
+    let machine = crate::bench::machine();
     let scrape = scrape_table(root, target_dir)?;
 
     println!("xtask: building memtrace (release) for the agent benchmark");
@@ -765,28 +765,6 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// Kernel release, CPU model and count, which the numbers depend on most.
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| format!("Linux {}", s.trim()))
-        .ok();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        });
-    let cpus = thread::available_parallelism()
-        .ok()
-        .map(|n| format!("{n} CPUs"));
-    [kernel, cpu, cpus]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]
