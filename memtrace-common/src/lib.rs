@@ -26,6 +26,8 @@ pub mod maps {
     pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
     /// Per-CPU event counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Processes to count when `FILTER_PROCESSES` is set: tgid → 1.
+    pub const TRACED: &str = "TRACED";
 }
 
 /// Names of the read-only globals userspace sets before loading.
@@ -34,6 +36,8 @@ pub mod globals {
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
     /// `u64`: the target's page size (pvalloc rounds to it, mmap lengths round to it).
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
+    /// `u64`: 1 = count only processes in `TRACED` (probes shared node-wide).
+    pub const FILTER_PROCESSES: &str = "FILTER_PROCESSES";
 }
 
 /// Default capacities; userspace resizes every map at load time from its flags.
@@ -44,6 +48,7 @@ pub mod capacity {
     pub const USAGE: u32 = 65_536;
     pub const PROCESS_TOTALS: u32 = 16_384;
     pub const STACKS: u32 = 16_384;
+    pub const TRACED: u32 = 16_384;
 }
 
 /// How far back (in pages) `munmap` looks for the start of a mapping it cuts into.

@@ -42,6 +42,12 @@ static SAMPLE_BYTES: u64 = 1;
 /// The target's page size; set at load time.
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
+/// 1: count only processes in `TRACED` (the probes are shared node-wide); set at load time.
+#[unsafe(no_mangle)]
+static FILTER_PROCESSES: u64 = 0;
+
+#[map]
+static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(capacity::TRACED, 0);
 
 #[map]
 static THREADS: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(capacity::THREADS, 0);
@@ -82,6 +88,14 @@ fn page_size() -> u64 {
     let page = unsafe { core::ptr::read_volatile(&PAGE_SIZE) };
     // Never zero: a division by zero would be a panic, which the verifier rejects.
     if page == 0 { 4096 } else { page }
+}
+
+/// Whether the calling process is one memtrace traces.
+#[inline(always)]
+fn is_traced(tgid: u32) -> bool {
+    // SAFETY: a read-only global rewritten by the loader.
+    let filter = unsafe { core::ptr::read_volatile(&FILTER_PROCESSES) };
+    filter == 0 || TRACED.get_ptr(&tgid).is_some()
 }
 
 #[inline(always)]
@@ -253,6 +267,9 @@ fn is_nested(state: &ThreadState, sp: u64, now: u64) -> bool {
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
     let id = bpf_get_current_pid_tgid();
+    if !is_traced((id >> 32) as u32) {
+        return None;
+    }
     // SAFETY: reading the saved registers of the probed task.
     let sp = unsafe { (*ctx.regs).rsp };
     // SAFETY: helper without preconditions.
@@ -671,10 +688,10 @@ fn unfree(info: &AllocInfo) {
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr: u64 = ctx.arg(0).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
-    if ptr == 0 || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
+    let tgid = (id >> 32) as u32;
+    if ptr == 0 || !is_traced(tgid) || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
         return 0;
     }
-    let tgid = (id >> 32) as u32;
     match take(&ALLOCS, tgid, ptr) {
         Some(info) => account_free(&info, info.size, 0),
         None => unmatched_free(tgid),
@@ -693,10 +710,10 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     let len: u64 = ctx.arg(1).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
-    if len == 0 || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
+    let tgid = (id >> 32) as u32;
+    if len == 0 || !is_traced(tgid) || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
         return 0;
     }
-    let tgid = (id >> 32) as u32;
     let page = page_size();
     let end = addr.saturating_add(len.div_ceil(page) * page);
     let Some(mut found) = find_mapping_around(tgid, addr) else {

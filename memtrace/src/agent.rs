@@ -128,6 +128,8 @@ impl Agent {
             sample_bytes: args.sample_bytes,
             max_allocations: args.max_allocations,
             max_stacks: args.max_stack_traces,
+            // Probes are shared by the traced processes of each libc file.
+            filter_processes: true,
         })?;
         let patterns = Patterns::new(&args.cgroup)?;
         let hierarchy = match Hierarchy::find() {
@@ -228,7 +230,7 @@ impl Agent {
             .collect();
         for pid in gone {
             self.processes.remove(&pid);
-            self.tracer.detach(pid);
+            self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
@@ -250,7 +252,7 @@ impl Agent {
                     self.processes.insert(pid, traced);
                 }
                 Err(e) => {
-                    self.tracer.detach(pid);
+                    self.tracer.untrace(pid);
                     self.metrics.attach_errors.inc();
                     let failure = self.failures.entry(pid).or_insert(Failure {
                         retry_at: now,
@@ -279,7 +281,7 @@ impl Agent {
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();
         self.tracer
-            .attach_libc(pid, &process::in_root(pid, &libc))?;
+            .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)

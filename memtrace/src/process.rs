@@ -95,10 +95,12 @@ impl MemoryMap {
 
     /// The first mapped file whose name looks like a C library.
     pub fn libc(&self) -> Option<&Path> {
-        self.mappings
-            .iter()
-            .map(|m| m.path.as_path())
-            .find(|path| is_libc(path))
+        self.libc_mapping().map(|m| m.path.as_path())
+    }
+
+    /// The executable mapping of the C library.
+    pub fn libc_mapping(&self) -> Option<&Mapping> {
+        self.mappings.iter().find(|m| is_libc(&m.path))
     }
 }
 
@@ -200,13 +202,13 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
 }
 
 /// The libc a running process has mapped, or a clear reason why there is none.
-pub fn libc_of_running(pid: u32) -> Result<PathBuf> {
+pub fn libc_of_running(pid: u32) -> Result<Mapping> {
     if pid == 0 || !exists(pid) {
         bail!("no such process: PID {pid}");
     }
     let maps = MemoryMap::read(pid)?;
-    if let Some(libc) = maps.libc() {
-        return Ok(libc.to_owned());
+    if let Some(libc) = maps.libc_mapping() {
+        return Ok(libc.clone());
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let is_static = ElfFile::open(&in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());

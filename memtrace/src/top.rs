@@ -54,13 +54,15 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         sample_bytes: args.sample_bytes,
         max_allocations: args.max_allocations,
         max_stacks: args.max_stack_traces,
+        // One process: probes scoped to it, so nothing else on the machine traps.
+        filter_processes: false,
     };
 
     // Everything that can be checked about the target is checked before loading BPF.
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
-            process::libc_of_running(*pid)?,
+            process::libc_of_running(*pid)?.path,
             process::command_line(*pid),
         ),
         (None, Some((program, rest))) => {

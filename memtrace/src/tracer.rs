@@ -20,7 +20,7 @@ use memtrace_common::{
     Usage, UsageKey, capacity, globals, maps,
 };
 
-use crate::{elf::ElfFile, placement};
+use crate::{elf::ElfFile, placement, process::FileId};
 
 /// The BPF object built by `build.rs` (see `cargo xtask build-ebpf`).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace.bpf.o"));
@@ -66,6 +66,15 @@ const LIBC_PROBES: &[ProbeSpec] = &[
 ];
 const EXIT_PROGRAM: &str = "alloc_exit";
 
+/// Who a set of probes was attached for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Owner {
+    /// Process-scoped probes of one process.
+    Process(u32),
+    /// Node-wide probes on one libc file, filtered in BPF by `TRACED`.
+    File(FileId),
+}
+
 /// What to attach: memtrace's programs, or empty ones at the same spots (the cost floor
 /// benchmarks compare against).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +92,8 @@ pub struct TracerOptions {
     pub max_allocations: u32,
     /// Capacity of the stack map (distinct stacks).
     pub max_stacks: u32,
+    /// Count only processes in `TRACED` (needed by [`Tracer::trace_shared`]).
+    pub filter_processes: bool,
 }
 
 impl Default for TracerOptions {
@@ -91,6 +102,7 @@ impl Default for TracerOptions {
             sample_bytes: 1,
             max_allocations: capacity::ALLOCS,
             max_stacks: capacity::STACKS,
+            filter_processes: false,
         }
     }
 }
@@ -137,8 +149,11 @@ pub struct Tracer {
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
     loaded: HashSet<&'static str>,
-    /// Links per traced process, to detach them when it goes.
-    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Links per owner (a process, or a libc file shared by traced processes).
+    links: HashMap<Owner, Vec<(&'static str, UProbeLinkId)>>,
+    /// The traced processes using each shared set of probes.
+    shared_users: HashMap<FileId, HashSet<u32>>,
+    pid_files: HashMap<u32, FileId>,
     /// The thread closing detached links, and its channel.
     detacher: Option<(
         std::sync::mpsc::Sender<UProbeLink>,
@@ -164,6 +179,11 @@ impl Tracer {
         let ebpf = EbpfLoader::new()
             .override_global(globals::SAMPLE_BYTES, &options.sample_bytes.max(1), true)
             .override_global(globals::PAGE_SIZE, &page_size, true)
+            .override_global(
+                globals::FILTER_PROCESSES,
+                &u64::from(options.filter_processes),
+                true,
+            )
             .map_max_entries(maps::ALLOCS, options.max_allocations)
             .map_max_entries(maps::STACKS, options.max_stacks)
             .load(BPF_OBJECT)
@@ -173,6 +193,8 @@ impl Tracer {
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
+            shared_users: HashMap::new(),
+            pid_files: HashMap::new(),
             detacher: None,
         })
     }
@@ -190,8 +212,72 @@ impl Tracer {
         libc: &Path,
         programs: Programs,
     ) -> Result<AttachSummary> {
-        let elf = ElfFile::open(libc)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        self.attach_probes(libc, scope, Owner::Process(pid), programs)
+    }
+
+    /// Traces `pid` through probes shared by every traced process that maps the same libc
+    /// `file` (read through `libc`): the first such process attaches them, node-wide, and
+    /// the BPF programs then ignore processes not in `TRACED`. Removing a uprobe costs the
+    /// kernel ~0.1 s, so one set of probes per file, not per process, is what keeps
+    /// following hundreds of processes (and stopping) fast. The price: untraced processes
+    /// mapping that file take the trap too (and return at once). Needs a tracer loaded
+    /// with [`TracerOptions::filter_processes`].
+    pub fn trace_shared(&mut self, pid: u32, libc: &Path, file: FileId) -> Result<()> {
+        let mut traced: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.map_mut(maps::TRACED)?)?;
+        traced
+            .insert(pid, 1, 0)
+            .with_context(|| format!("adding pid {pid} to TRACED"))?;
+        let first_user = !self.shared_users.contains_key(&file);
+        if first_user
+            && let Err(e) = self.attach_probes(
+                libc,
+                UProbeScope::AllProcesses,
+                Owner::File(file),
+                Programs::Memtrace,
+            )
+        {
+            self.detach_owner(Owner::File(file));
+            self.untrace_pid(pid);
+            return Err(e);
+        }
+        self.shared_users.entry(file).or_default().insert(pid);
+        self.pid_files.insert(pid, file);
+        Ok(())
+    }
+
+    /// Stops tracing `pid`, attached by either way: its own probes are detached, and a
+    /// shared set when its last user goes.
+    pub fn untrace(&mut self, pid: u32) {
+        self.untrace_pid(pid);
+        self.detach_owner(Owner::Process(pid));
+        if let Some(file) = self.pid_files.remove(&pid) {
+            let users = self.shared_users.entry(file).or_default();
+            users.remove(&pid);
+            if users.is_empty() {
+                self.shared_users.remove(&file);
+                self.detach_owner(Owner::File(file));
+            }
+        }
+    }
+
+    fn untrace_pid(&mut self, pid: u32) {
+        if let Ok(map) = self.map_mut(maps::TRACED)
+            && let Ok(mut traced) = BpfHashMap::<&mut MapData, u32, u32>::try_from(map)
+        {
+            let _ = traced.remove(&pid);
+        }
+    }
+
+    fn attach_probes(
+        &mut self,
+        libc: &Path,
+        scope: UProbeScope,
+        owner: Owner,
+        programs: Programs,
+    ) -> Result<AttachSummary> {
+        let elf = ElfFile::open(libc)?;
         let mut summary = AttachSummary::default();
         let mut probed_offsets = HashSet::new();
         for spec in LIBC_PROBES {
@@ -230,10 +316,10 @@ impl Tracer {
             // thread's slot claiming a call in flight.
             if spec.returns {
                 // Same spot as the entry probe: one breakpoint serves both.
-                self.attach_program(exit, offset, libc, scope)
+                self.attach_program(exit, offset, libc, scope, owner)
                     .with_context(|| format!("attaching {exit} to {}", spec.symbol))?;
             }
-            self.attach_program(entry, offset, libc, scope)
+            self.attach_program(entry, offset, libc, scope, owner)
                 .with_context(|| format!("attaching {entry} to {}", spec.symbol))?;
             summary.probes.push(AttachedProbe {
                 symbol: spec.symbol,
@@ -250,6 +336,7 @@ impl Tracer {
         offset: u64,
         target: &Path,
         scope: UProbeScope,
+        owner: Owner,
     ) -> Result<()> {
         let program: &mut UProbe = self
             .ebpf
@@ -260,9 +347,7 @@ impl Tracer {
             program.load().map_err(|e| explain_load_error(e.into()))?;
         }
         let link = program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
-        if let UProbeScope::OneProcess(pid) = scope {
-            self.links.entry(pid.get()).or_default().push((name, link));
-        }
+        self.links.entry(owner).or_default().push((name, link));
         Ok(())
     }
 
@@ -274,7 +359,11 @@ impl Tracer {
     /// handed to a background thread and the caller goes on at once.
     /// [`Tracer::finish_detaching`] waits until all are closed.
     pub fn detach(&mut self, pid: u32) {
-        for (name, link) in self.links.remove(&pid).unwrap_or_default() {
+        self.detach_owner(Owner::Process(pid));
+    }
+
+    fn detach_owner(&mut self, owner: Owner) {
+        for (name, link) in self.links.remove(&owner).unwrap_or_default() {
             let taken = self
                 .ebpf
                 .program_mut(name)
@@ -286,7 +375,7 @@ impl Tracer {
                         drop(unsent.0); // the thread is gone: close it here
                     }
                 }
-                Some(Err(e)) => log::debug!("detaching {name} from pid {pid}: {e}"),
+                Some(Err(e)) => log::debug!("detaching {name} ({owner:?}): {e}"),
                 None => {}
             }
         }
@@ -299,8 +388,8 @@ impl Tracer {
 
     /// Detaches everything and waits until the kernel has removed every probe.
     pub fn finish_detaching(&mut self) {
-        for pid in self.links.keys().copied().collect::<Vec<_>>() {
-            self.detach(pid);
+        for owner in self.links.keys().copied().collect::<Vec<_>>() {
+            self.detach_owner(owner);
         }
         if let Some((sender, thread)) = self.detacher.take() {
             drop(sender);
