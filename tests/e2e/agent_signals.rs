@@ -8,9 +8,9 @@ use crate::agent_util::*;
 use crate::util::*;
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The kernel removes uprobes one at a time, 80–240 ms each on 6.18 (the agent attaches
-/// 20 per traced process today; attaching once per libc file is the planned fix), so the
-/// bound for several processes grows with the probe count.
+/// The kernel removes uprobes one at a time, 80–240 ms each on 6.18, so the bound grows
+/// with the probe count (the agent shares one set of ~20 per libc file among the
+/// processes that map it, so it stays small).
 const STOP_TIMEOUT_PER_PROBE: Duration = Duration::from_millis(300);
 
 fn stops_on(signal: libc::c_int, tag: &str, processes: usize) {
