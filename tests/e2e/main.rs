@@ -12,6 +12,7 @@ mod deploy_util;
 mod prometheus;
 mod util;
 
+mod agent_attach_errors;
 mod agent_env;
 mod agent_follow;
 mod agent_pprof;
