@@ -193,8 +193,9 @@ impl Agent {
                 .learn(&snapshot.stacks, &mut self.symbolizer);
         }
         let sums = self.sum_stacks(&snapshot);
-        self.update_series(sums);
-        self.publish(&snapshot);
+        let labels = self.labels_by_cgroup();
+        self.update_series(sums, &labels);
+        self.publish(&snapshot, &labels);
         Ok(())
     }
 
@@ -299,16 +300,12 @@ impl Agent {
         })
     }
 
-    /// Labels of a cgroup id: from the traced processes in it.
-    fn labels_of(&self, cgroup_id: u64) -> ContainerLabels {
+    /// Labels per cgroup id, from the traced processes in each (read once per interval).
+    fn labels_by_cgroup(&self) -> HashMap<u64, ContainerLabels> {
         self.processes
             .values()
-            .find(|p| p.cgroup_id == cgroup_id)
-            .map(|p| p.labels.clone())
-            .unwrap_or_else(|| ContainerLabels {
-                container: format!("cgroup-id:{cgroup_id}"),
-                ..Default::default()
-            })
+            .map(|p| (p.cgroup_id, p.labels.clone()))
+            .collect()
     }
 
     fn sum_stacks(&self, snapshot: &Snapshot) -> HashMap<(u64, String), StackSum> {
@@ -331,18 +328,21 @@ impl Agent {
         sums
     }
 
-    fn update_series(&mut self, sums: HashMap<(u64, String), StackSum>) {
+    fn update_series(
+        &mut self,
+        sums: HashMap<(u64, String), StackSum>,
+        labels: &HashMap<u64, ContainerLabels>,
+    ) {
         let t = self.started.elapsed().as_secs_f64();
         let now_ms = monotonic_ms();
         let mut seen: HashSet<(u64, String)> = HashSet::new();
         for ((cgroup_id, stack_id), sum) in sums {
             seen.insert((cgroup_id, stack_id.clone()));
-            let labels = self.labels_of(cgroup_id);
             let container = self
                 .containers
                 .entry(cgroup_id)
                 .or_insert_with(|| ContainerState {
-                    labels,
+                    labels: labels_of(labels, cgroup_id),
                     stacks: HashMap::new(),
                 });
             let bytes = sum.bytes.max(0) as u64;
@@ -407,7 +407,7 @@ impl Agent {
         });
     }
 
-    fn publish(&mut self, snapshot: &Snapshot) {
+    fn publish(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
         let mut suspects = Vec::new();
         let mut profiles = BTreeMap::new();
         for container in self.containers.values_mut() {
@@ -493,7 +493,7 @@ impl Agent {
                 .then(b.outstanding_bytes.cmp(&a.outstanding_bytes))
         });
 
-        self.publish_totals(snapshot);
+        self.publish_totals(snapshot, labels);
         let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
         view.ready = true;
         view.suspects = suspects;
@@ -541,11 +541,11 @@ impl Agent {
         }
     }
 
-    fn publish_totals(&mut self, snapshot: &Snapshot) {
+    fn publish_totals(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
         let mut outstanding: HashMap<u64, i64> = HashMap::new();
         for (key, totals) in &snapshot.totals {
             *outstanding.entry(key.cgroup_id).or_default() += totals.outstanding_bytes;
-            let labels = self.labels_of(key.cgroup_id);
+            let labels = labels_of(labels, key.cgroup_id);
             let last = self
                 .last_totals
                 .entry((key.cgroup_id, key.tgid))
@@ -563,7 +563,7 @@ impl Agent {
                 .inc_by(freed);
         }
         for (cgroup_id, bytes) in outstanding {
-            let labels = self.labels_of(cgroup_id);
+            let labels = labels_of(labels, cgroup_id);
             self.metrics
                 .outstanding_bytes
                 .with_label_values(&labels.values())
@@ -591,6 +591,18 @@ impl Agent {
             .with_label_values(&["allocs"])
             .set(total.outstanding_allocations as i64);
     }
+}
+
+/// The labels of a cgroup id, or a placeholder naming the id when no traced process is
+/// in it any more (a process that moved cgroups).
+fn labels_of(labels: &HashMap<u64, ContainerLabels>, cgroup_id: u64) -> ContainerLabels {
+    labels
+        .get(&cgroup_id)
+        .cloned()
+        .unwrap_or_else(|| ContainerLabels {
+            container: format!("cgroup-id:{cgroup_id}"),
+            ..Default::default()
+        })
 }
 
 /// Makes room for a new stack of `bytes` in a full container by evicting the least

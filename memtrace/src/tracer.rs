@@ -351,17 +351,13 @@ impl Tracer {
         Ok(())
     }
 
-    /// Detaches every probe attached for `pid` (none is an error: it may never have
-    /// attached, or attached halfway).
+    /// Detaches the probes of `owner` (none is an error: it may never have attached, or
+    /// attached halfway).
     ///
     /// Removing a uprobe is slow in the kernel (80–240 ms per probe measured on 6.18, and
     /// serialized: closing links from many threads at once was no faster), so links are
     /// handed to a background thread and the caller goes on at once.
     /// [`Tracer::finish_detaching`] waits until all are closed.
-    pub fn detach(&mut self, pid: u32) {
-        self.detach_owner(Owner::Process(pid));
-    }
-
     fn detach_owner(&mut self, owner: Owner) {
         for (name, link) in self.links.remove(&owner).unwrap_or_default() {
             let taken = self
