@@ -18,7 +18,8 @@ pub mod maps {
     /// Running totals per (cgroup, process, stack): [`crate::UsageKey`] → [`crate::Usage`].
     pub const USAGE: &str = "USAGE";
     /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`],
-    /// per CPU (sum them).
+    /// per CPU (sum them). In exact mode (`SAMPLE_BYTES` 1) it holds only the blocks that are
+    /// in no `USAGE` entry (zero-size, or `USAGE` full): add the process's `USAGE` entries.
     pub const PROCESS_TOTALS: &str = "PROCESS_TOTALS";
     /// User stacks walked by memtrace itself: stack id → [`crate::StackFrames`].
     pub const STACKS: &str = "STACKS";
@@ -197,7 +198,7 @@ pub struct AllocInfo {
     pub weight_bytes: u64,
     /// Estimated allocations this block stands for, in 1/[`COUNT_SCALE`] units.
     pub weight_count: u64,
-    /// `bpf_ktime_get_ns` at allocation.
+    /// `bpf_ktime_get_ns` at the allocator call's entry.
     pub timestamp_ns: u64,
     pub usage: UsageKey,
 }
@@ -257,7 +258,8 @@ pub struct ThreadState {
     /// enclosing call.
     pub sp: u64,
     pub entered_ns: u64,
-    /// The new block as seen at entry (size, weights, stack); `timestamp_ns` unset.
+    /// The new block as seen at entry (size, weights, stack); `timestamp_ns` is set from
+    /// `entered_ns` at return.
     pub pending: AllocInfo,
     /// posix_memalign: where the block pointer will be written.
     pub out_ptr: u64,

@@ -69,6 +69,11 @@ static PROCESS_TOTALS: PerCpuHashMap<ProcessKey, ProcessTotals> =
 static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(capacity::STACKS, 0);
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU, stack ids known to be in `STACKS` (slot `id % STACKS_SEEN_SLOTS`): a hit skips
+/// the hash lookup. Safe because nothing ever removes a stack from `STACKS`.
+#[map]
+static STACKS_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(STACKS_SEEN_SLOTS, 0);
+const STACKS_SEEN_SLOTS: u32 = 256;
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
@@ -231,12 +236,23 @@ fn walk_stack(sp: u64, fp: u64) -> u64 {
     }
     frames.len = len as u32;
     let id = if hash == NO_STACK { 1 } else { hash };
+    let seen = STACKS_SEEN.get_ptr_mut((id % STACKS_SEEN_SLOTS as u64) as u32);
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    if let Some(seen) = seen
+        && unsafe { *seen } == id
+    {
+        return id;
+    }
     if STACKS.get_ptr(&id).is_none()
         && STACKS.insert(&id, frames, BPF_NOEXIST as u64).is_err()
         && STACKS.get_ptr(&id).is_none()
     {
         count(Counter::StackWalkFailed); // STACKS is full
         return NO_STACK;
+    }
+    if let Some(seen) = seen {
+        // SAFETY: as above.
+        unsafe { *seen = id };
     }
     id
 }
@@ -338,21 +354,46 @@ fn enter_plain(ctx: &ProbeContext, kind: AllocKind, size: u64) {
     }
 }
 
-/// Adds a new live block to the totals.
+/// Whether `info`'s exact size is carried by its stack's `USAGE` entry, so that the
+/// process totals are the sum of its stacks and `PROCESS_TOTALS` is not touched: exact
+/// mode, and the block is in a stack (see [`usage_of`]). Saves a map update per call.
 #[inline(always)]
-fn account_alloc(info: &AllocInfo) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+fn totals_in_usage(info: &AllocInfo) -> bool {
+    info.weight_bytes != 0 && sample_bytes() <= 1
+}
+
+/// The `USAGE` entry a new block is to be added to, or `None` when it is not sampled or
+/// `USAGE` is full; then its weights are zeroed, so that its free does not look for it.
+#[inline(always)]
+fn usage_of(info: &mut AllocInfo) -> Option<&'static mut Usage> {
+    let usage = if info.weight_bytes == 0 {
+        None
+    } else {
+        get_or_init!(USAGE, &info.usage, Counter::UsageFull)
+    };
+    match usage {
+        // SAFETY: a valid map value pointer, only changed with atomic adds.
+        Some(usage) => Some(unsafe { &mut *usage }),
+        None => {
+            info.weight_bytes = 0;
+            info.weight_count = 0;
+            None
+        }
+    }
+}
+
+/// Adds a new live block to the totals; `usage` is its entry from [`usage_of`].
+#[inline(always)]
+fn account_alloc(info: &AllocInfo, usage: Option<&mut Usage>) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.allocated_bytes, info.size);
         add_local(&mut totals.allocations, 1);
         add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
         add_local_signed(&mut totals.outstanding_count, 1);
     }
-    if info.weight_bytes == 0 {
-        return;
-    }
-    if let Some(usage) = get_or_init!(USAGE, &info.usage, Counter::UsageFull) {
-        // SAFETY: as above.
-        let usage = unsafe { &mut *usage };
+    if let Some(usage) = usage {
         add(&mut usage.allocated_bytes, info.weight_bytes);
         add(&mut usage.allocated_count, info.weight_count);
         add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
@@ -365,7 +406,9 @@ fn account_alloc(info: &AllocInfo) {
 /// remain of it: 0 for a free, 1 or 2 when munmap cuts a mapping's edge or middle.
 #[inline(always)]
 fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.freed_bytes, bytes);
         add_local_signed(&mut totals.outstanding_bytes, -(bytes as i64));
         add_local_signed(&mut totals.outstanding_count, pieces_left - 1);
@@ -416,6 +459,9 @@ fn unmatched_free(tgid: u32) {
 /// Records a new live block at `addr`.
 #[inline(always)]
 fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full: Counter) {
+    let mut info = *info;
+    let usage = usage_of(&mut info);
+    let info = &info;
     let key = AllocKey {
         tgid: info.usage.tgid,
         _pad: 0,
@@ -433,7 +479,7 @@ fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full:
         account_free(&old, old.size, 0);
         unsafe { *stale = *info };
     }
-    account_alloc(info);
+    account_alloc(info, usage);
 }
 
 /// Removes the live block at `addr` and returns it.
@@ -614,9 +660,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let state = *state;
     let ret: u64 = ctx.ret();
 
+    // The block's time is its call's entry: one clock read per call.
     let mut info = state.pending;
-    // SAFETY: helper without preconditions.
-    info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    info.timestamp_ns = state.entered_ns;
     match state.kind {
         k if k == AllocKind::PosixMemalign as u32 => {
             if ret != 0 {
@@ -663,7 +709,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// Undoes `account_free` of a whole block (a realloc that failed).
 #[inline(always)]
 fn unfree(info: &AllocInfo) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.freed_bytes, info.size.wrapping_neg());
         add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
         add_local_signed(&mut totals.outstanding_count, 1);
@@ -689,12 +737,16 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr: u64 = ctx.arg(0).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    if ptr == 0 || !is_traced(tgid) || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
+    if ptr == 0 || !is_traced(tgid) {
         return 0;
     }
+    // Look the block up first: a live block is freed whatever the thread is inside (no
+    // allocator frees a caller's block through `free` but realloc(p, 0), which took it out
+    // already), so only a miss needs the per-thread check.
     match take(&ALLOCS, tgid, ptr) {
         Some(info) => account_free(&info, info.size, 0),
-        None => unmatched_free(tgid),
+        None if !inside_allocator(id, unsafe { (*ctx.regs).rsp }) => unmatched_free(tgid),
+        None => {}
     }
     0
 }

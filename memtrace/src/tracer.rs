@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames, ThreadState,
-    Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, COUNT_SCALE, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
+    ThreadState, Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement, process::FileId};
@@ -146,6 +146,8 @@ pub struct Snapshot {
 
 pub struct Tracer {
     ebpf: Ebpf,
+    /// The loaded `SAMPLE_BYTES`: 1 means process totals are partly in `USAGE`.
+    sample_bytes: u64,
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
     loaded: HashSet<&'static str>,
@@ -190,6 +192,7 @@ impl Tracer {
             .map_err(|e| explain_load_error(e.into()))?;
         Ok(Self {
             ebpf,
+            sample_bytes: options.sample_bytes.max(1),
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
@@ -497,12 +500,26 @@ impl Tracer {
 
         let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
             PerCpuHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
+        let mut by_process: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
         for item in totals.iter() {
             let (key, per_cpu) = item.context("reading PROCESS_TOTALS")?;
             if tgids.contains(&key.tgid) {
-                snapshot.totals.push((key, sum_totals(per_cpu.iter())));
+                by_process.insert(key, sum_totals(per_cpu.iter()));
             }
         }
+        if self.sample_bytes <= 1 {
+            // Exact mode: a block in a stack is counted there only (one map update less
+            // per call in BPF), so a process's totals are its stacks plus the rest.
+            for stack in &snapshot.stacks {
+                let key = ProcessKey {
+                    cgroup_id: stack.key.cgroup_id,
+                    tgid: stack.key.tgid,
+                    _pad: 0,
+                };
+                add_usage(by_process.entry(key).or_default(), &stack.usage);
+            }
+        }
+        snapshot.totals = by_process.into_iter().collect();
 
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
@@ -543,6 +560,21 @@ fn sum_totals<'a>(per_cpu: impl Iterator<Item = &'a ProcessTotals>) -> ProcessTo
         allocations: sum.allocations.wrapping_add(t.allocations),
         unmatched_frees: sum.unmatched_frees.wrapping_add(t.unmatched_frees),
     })
+}
+
+/// Adds one stack's exact usage (counts in 1/`COUNT_SCALE`) to its process's totals.
+fn add_usage(totals: &mut ProcessTotals, usage: &Usage) {
+    totals.allocated_bytes = totals.allocated_bytes.wrapping_add(usage.allocated_bytes);
+    totals.allocations = totals
+        .allocations
+        .wrapping_add(usage.allocated_count / COUNT_SCALE);
+    totals.freed_bytes = totals.freed_bytes.wrapping_add(usage.freed_bytes);
+    totals.outstanding_bytes = totals
+        .outstanding_bytes
+        .wrapping_add(usage.outstanding_bytes);
+    totals.outstanding_count = totals
+        .outstanding_count
+        .wrapping_add(usage.outstanding_count / COUNT_SCALE as i64);
 }
 
 /// Turns a permission failure into the one line a user needs.
