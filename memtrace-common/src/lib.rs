@@ -29,6 +29,19 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to count when `FILTER_PROCESSES` is set: tgid → 1.
     pub const TRACED: &str = "TRACED";
+    /// Always-on tier: containers whose page faults are counted, cgroup id → 1.
+    pub const WATCHED_CGROUPS: &str = "WATCHED_CGROUPS";
+    /// Always-on tier: processes whose page faults are counted, tgid → 1.
+    pub const WATCHED_PROCESSES: &str = "WATCHED_PROCESSES";
+    /// Always-on tier: pages populated per (cgroup, process, stack):
+    /// [`crate::UsageKey`] → [`crate::FaultGrowth`].
+    pub const FAULTS: &str = "FAULTS";
+}
+
+/// Names of the BPF programs userspace attaches by name (besides the allocator probes).
+pub mod programs {
+    /// The always-on tier's BTF tracepoint program.
+    pub const PAGE_FAULT_USER: &str = "page_fault_user";
 }
 
 /// Names of the read-only globals userspace sets before loading.
@@ -39,6 +52,8 @@ pub mod globals {
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
     /// `u64`: 1 = count only processes in `TRACED` (probes shared node-wide).
     pub const FILTER_PROCESSES: &str = "FILTER_PROCESSES";
+    /// `u64`: the always-on tier walks every FAULT_SAMPLE-th populating page fault per CPU.
+    pub const FAULT_SAMPLE: &str = "FAULT_SAMPLE";
 }
 
 /// Default capacities; userspace resizes every map at load time from its flags.
@@ -50,6 +65,8 @@ pub mod capacity {
     pub const PROCESS_TOTALS: u32 = 16_384;
     pub const STACKS: u32 = 16_384;
     pub const TRACED: u32 = 16_384;
+    pub const WATCHED_CGROUPS: u32 = 4_096;
+    pub const FAULTS: u32 = 65_536;
 }
 
 /// How far back (in pages) `munmap` looks for the start of a mapping it cuts into.
@@ -94,10 +111,12 @@ pub enum Counter {
     UnmatchedFree = 7,
     /// A user-memory read failed (posix_memalign's out-pointer, the return address).
     ReadFailed = 8,
+    /// `FAULTS` was full: a page fault of the always-on tier went unattributed.
+    FaultsFull = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::AllocsFull,
@@ -109,6 +128,7 @@ impl Counter {
         Counter::ProcessTotalsFull,
         Counter::UnmatchedFree,
         Counter::ReadFailed,
+        Counter::FaultsFull,
     ];
 
     /// The label userspace reports this counter under.
@@ -123,6 +143,7 @@ impl Counter {
             Counter::ProcessTotalsFull => "process_totals_map_full",
             Counter::UnmatchedFree => "unmatched_free",
             Counter::ReadFailed => "user_read_failed",
+            Counter::FaultsFull => "faults_map_full",
         }
     }
 
@@ -222,6 +243,15 @@ pub struct Usage {
     pub live_time_ms_sum: u64,
 }
 
+/// Memory growth of one (cgroup, process, stack) seen by the always-on tier: pages the
+/// stack populated by touching them (estimates when `FAULT_SAMPLE` > 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultGrowth {
+    pub bytes: u64,
+    pub faults: u64,
+}
+
 /// Exact totals are kept per cgroup and process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -284,6 +314,7 @@ mod pod {
     unsafe impl aya::Pod for ProcessTotals {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for StackFrames {}
+    unsafe impl aya::Pod for FaultGrowth {}
 }
 
 // Layouts are part of the contract: catch accidental changes (and implicit padding).

@@ -133,7 +133,11 @@ macro_rules! get_or_init {
             Some(value) => Some(value),
             None => {
                 // EEXIST means another CPU inserted it first: the lookup below finds it.
-                let _ = $map.insert($key, &Default::default(), BPF_NOEXIST as u64);
+                let _ = $map.insert(
+                    $key,
+                    &Default::default(),
+                    aya_ebpf::bindings::BPF_NOEXIST as u64,
+                );
                 let value = $map.get_ptr_mut($key);
                 if value.is_none() {
                     count($full);
@@ -188,26 +192,34 @@ fn sample(size: u64) -> (u64, u64) {
     }
 }
 
-/// Walks the user stack by frame pointers and stores it in `STACKS`; returns its id.
+/// Walks the user stack at an allocator's probe (see [`walk_stack_from`]) and returns its id.
 ///
 /// At the probe no push has run yet (userspace places probes so), so `[sp]` is the return
-/// address into the allocator's caller and `fp` is still the caller's frame pointer: the
-/// caller comes first, then each `[fp + 8]` up the chain. (The kernel's own walker,
-/// `bpf_get_stackid`, starts from the caller's saved frame and so misses the caller, and
-/// costs ~0.85 µs per call here even for one frame.) Code built without frame pointers
-/// ends the chain early, as it does for the kernel's walker.
+/// address into the allocator's caller and `fp` is still the caller's frame pointer.
 #[inline(always)]
 fn walk_stack(sp: u64, fp: u64) -> u64 {
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return NO_STACK;
-    };
-    // SAFETY: this CPU's scratch slot; programs do not preempt each other on one CPU.
-    let frames = unsafe { &mut *scratch };
     // SAFETY: reading user memory through the helper, which checks the address.
     let Ok(caller) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
         count(Counter::ReadFailed);
         return NO_STACK;
     };
+    walk_stack_from(caller, fp)
+}
+
+/// Walks the user stack by frame pointers and stores it in `STACKS`; returns its id.
+///
+/// `first` is the innermost frame (the allocator's caller, or the instruction that faulted),
+/// then each `[fp + 8]` up the chain. (The kernel's own walker,
+/// `bpf_get_stackid`, starts from the caller's saved frame and so misses the caller, and
+/// costs ~0.85 µs per call here even for one frame.) Code built without frame pointers
+/// ends the chain early, as it does for the kernel's walker.
+#[inline(always)]
+fn walk_stack_from(caller: u64, fp: u64) -> u64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not preempt each other on one CPU.
+    let frames = unsafe { &mut *scratch };
     let mut hash = mix(0x9e37_79b9_7f4a_7c15, caller);
     frames.ips[0] = caller;
     let mut len = 1;
@@ -880,6 +892,8 @@ pub fn noop_enter(_ctx: ProbeContext) -> u32 {
 pub fn noop_exit(_ctx: RetProbeContext) -> u32 {
     0
 }
+
+mod growth;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -130,6 +130,7 @@ impl Agent {
             max_stacks: args.max_stack_traces,
             // Probes are shared by the traced processes of each libc file.
             filter_processes: true,
+            ..TracerOptions::default()
         })?;
         let patterns = Patterns::new(&args.cgroup)?;
         let hierarchy = match Hierarchy::find() {

@@ -175,9 +175,28 @@ pub struct TopArgs {
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
 
+    /// What to trace: `exact` puts probes on the allocator (every call traps: outstanding
+    /// bytes per stack); `growth` counts the page faults that populate new memory (no
+    /// probe on the allocator: which stacks touch new pages; works on static binaries).
+    #[arg(long, env = "MEMTRACE_TIER", value_enum, default_value_t = Tier::Exact)]
+    pub tier: Tier,
+
+    /// Growth tier: walk the stack of every Nth populating page fault per CPU.
+    #[arg(long, env = "MEMTRACE_FAULT_SAMPLE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_sample: u64,
+
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Which of memtrace's two tiers `top` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Tier {
+    /// Allocator probes: exact outstanding bytes per stack, a trap per call.
+    Exact,
+    /// Page faults that populate new memory: growth per stack, no trap per call.
+    Growth,
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod detect;
 pub mod elf;
+pub mod growth;
 pub mod http;
 pub mod launch;
 pub mod metrics;

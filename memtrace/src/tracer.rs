@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, COUNT_SCALE, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
-    ThreadState, Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, COUNT_SCALE, Counter, FaultGrowth, NO_STACK, ProcessKey, ProcessTotals,
+    StackFrames, ThreadState, Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement, process::FileId};
@@ -94,6 +94,8 @@ pub struct TracerOptions {
     pub max_stacks: u32,
     /// Count only processes in `TRACED` (needed by [`Tracer::trace_shared`]).
     pub filter_processes: bool,
+    /// Always-on tier: walk every Nth populating page fault per CPU (1 = every one).
+    pub fault_sample: u64,
 }
 
 impl Default for TracerOptions {
@@ -103,6 +105,7 @@ impl Default for TracerOptions {
             max_allocations: capacity::ALLOCS,
             max_stacks: capacity::STACKS,
             filter_processes: false,
+            fault_sample: 1,
         }
     }
 }
@@ -186,6 +189,7 @@ impl Tracer {
                 &u64::from(options.filter_processes),
                 true,
             )
+            .override_global(globals::FAULT_SAMPLE, &options.fault_sample.max(1), true)
             .map_max_entries(maps::ALLOCS, options.max_allocations)
             .map_max_entries(maps::STACKS, options.max_stacks)
             .load(BPF_OBJECT)
@@ -449,10 +453,11 @@ impl Tracer {
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
+        purge::<UsageKey, FaultGrowth>(self.map_mut(maps::FAULTS)?, |k| k.tgid == tgid)?;
         Ok(())
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+    pub(crate) fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
             .with_context(|| format!("the BPF object has no map {name}"))
@@ -470,27 +475,8 @@ impl Tracer {
                 entries.push((key, value));
             }
         }
-        let stacks: BpfHashMap<&MapData, u64, StackFrames> =
-            BpfHashMap::try_from(self.ebpf.map(maps::STACKS).context("no STACKS map")?)?;
         for (key, value) in entries {
-            let frames = if key.stack_id == NO_STACK {
-                Vec::new()
-            } else if let Some(frames) = self.stack_cache.get(&key.stack_id) {
-                frames.clone()
-            } else {
-                let frames: Vec<u64> = match stacks.get(&key.stack_id, 0) {
-                    Ok(stack) => {
-                        let len = (stack.len as usize).min(stack.ips.len());
-                        stack.ips[..len].to_vec()
-                    }
-                    Err(e) => {
-                        log::debug!("stack {:#x} unreadable: {e}", key.stack_id);
-                        Vec::new()
-                    }
-                };
-                self.stack_cache.insert(key.stack_id, frames.clone());
-                frames
-            };
+            let frames = self.frames(key.stack_id)?;
             snapshot.stacks.push(StackUsage {
                 key,
                 usage: value,
@@ -530,7 +516,36 @@ impl Tracer {
         Ok(snapshot)
     }
 
-    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+    /// The frames of a stack id (empty for [`NO_STACK`] or an unreadable one), cached:
+    /// an id always means the same stack.
+    pub(crate) fn frames(&mut self, stack_id: u64) -> Result<Vec<u64>> {
+        if stack_id == NO_STACK {
+            return Ok(Vec::new());
+        }
+        if let Some(frames) = self.stack_cache.get(&stack_id) {
+            return Ok(frames.clone());
+        }
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> =
+            BpfHashMap::try_from(self.map(maps::STACKS)?)?;
+        let frames: Vec<u64> = match stacks.get(&stack_id, 0) {
+            Ok(stack) => {
+                let len = (stack.len as usize).min(stack.ips.len());
+                stack.ips[..len].to_vec()
+            }
+            Err(e) => {
+                log::debug!("stack {stack_id:#x} unreadable: {e}");
+                Vec::new()
+            }
+        };
+        self.stack_cache.insert(stack_id, frames.clone());
+        Ok(frames)
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub(crate) fn map(&self, name: &str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))

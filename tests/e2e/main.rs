@@ -26,6 +26,7 @@ mod deploy_manifests;
 mod deploy_rules;
 mod errors;
 mod exact;
+mod growth;
 mod isolation;
 mod munmap;
 mod nested;
