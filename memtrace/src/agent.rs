@@ -14,6 +14,8 @@ use serde::Serialize;
 use memtrace_common::UsageKey;
 
 use crate::{
+    budget::{self, Budget, Verdict},
+    calibrate::{self, TrapCost},
     cgroup::{self, Hierarchy, Patterns},
     cli::AgentArgs,
     detect::{Assessment, DetectorConfig, Point, Series},
@@ -117,6 +119,12 @@ pub struct Agent {
     view: SharedView,
     started: Instant,
     next_oldest_scan: Option<Instant>,
+    /// The probes' calibrated cost, while it is being measured.
+    calibration: Option<mpsc::Receiver<Result<calibrate::Calibration>>>,
+    /// The CPU budget, once calibrated (never with `--max-overhead 0`).
+    budget: Option<Budget>,
+    /// Processes detached for their budget, and when they may be traced again.
+    over_budget: HashMap<u32, Instant>,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -141,6 +149,29 @@ impl Agent {
             }
             Err(e) => return Err(e.context("--cgroup needs a cgroup v2 hierarchy")),
         };
+        // Calibrated in the background (attaching and detaching takes seconds); the
+        // budget judges nobody until the figures are in.
+        let calibration = (args.max_overhead > 0.0).then(|| {
+            let (send, receive) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("memtrace-calibrate".into())
+                .spawn(move || {
+                    let _ = send.send(calibrate::measure());
+                })
+                .map(|_| receive)
+        });
+        let calibration = match calibration {
+            Some(Ok(receive)) => Some(receive),
+            Some(Err(e)) => {
+                log::warn!(
+                    "cannot start calibrating ({e}); the CPU budget assumes the fallback cost"
+                );
+                let (send, receive) = mpsc::channel();
+                let _ = send.send(Err(anyhow::anyhow!("not calibrated")));
+                Some(receive)
+            }
+            None => None,
+        };
         let detector = DetectorConfig {
             window: args.window,
             max_points: args.max_points,
@@ -162,6 +193,9 @@ impl Agent {
             view,
             started: Instant::now(),
             next_oldest_scan: None,
+            calibration,
+            budget: None,
+            over_budget: HashMap::new(),
         })
     }
 
@@ -195,6 +229,7 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
+        self.enforce_budget(&snapshot, &labels);
         self.update_series(sums, &labels);
         self.publish(&snapshot, &labels);
         Ok(())
@@ -230,7 +265,13 @@ impl Agent {
             .copied()
             .filter(|pid| !wanted.contains_key(pid) || !process::exists(*pid))
             .collect();
+        let now = Instant::now();
+        self.over_budget
+            .retain(|pid, until| now < *until && wanted.contains_key(pid));
         for pid in gone {
+            if let Some(budget) = &mut self.budget {
+                budget.forget(pid);
+            }
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
@@ -240,9 +281,9 @@ impl Agent {
             log::info!("pid {pid} is gone: detached");
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
-        let now = Instant::now();
         for (pid, path) in wanted {
             if self.processes.contains_key(&pid)
+                || self.over_budget.contains_key(&pid)
                 || self.failures.get(&pid).is_some_and(|f| now < f.retry_at)
             {
                 continue;
@@ -299,6 +340,100 @@ impl Agent {
             cgroup_id,
             labels,
         })
+    }
+
+    /// Judges every traced process against the CPU budget; detaches those over it.
+    fn enforce_budget(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
+        if let Some(receive) = &self.calibration
+            && let Ok(measured) = receive.try_recv()
+        {
+            self.calibration = None;
+            let cost = measured.map(|c| c.cost).unwrap_or_else(|e| {
+                log::warn!(
+                    "calibrating the probes' cost failed ({e:#}); the CPU budget assumes {:?}",
+                    TrapCost::FALLBACK
+                );
+                TrapCost::FALLBACK
+            });
+            log::info!(
+                "probe cost per call: malloc {:.2} µs, free {:.2} µs; budget {}% of a process's CPU",
+                cost.alloc_ns / 1000.0,
+                cost.free_ns / 1000.0,
+                self.args.max_overhead
+            );
+            for (call, ns) in [("alloc", cost.alloc_ns), ("free", cost.free_ns)] {
+                self.metrics
+                    .probe_cost_seconds
+                    .with_label_values(&[call])
+                    .set(ns / 1e9);
+            }
+            self.budget = Some(Budget::new(self.args.max_overhead, cost));
+        }
+        let Some(budget) = &mut self.budget else {
+            return;
+        };
+        let mut by_process: HashMap<u32, (u64, i64)> = HashMap::new();
+        for (key, totals) in &snapshot.totals {
+            let entry = by_process.entry(key.tgid).or_default();
+            entry.0 += totals.allocations;
+            entry.1 += totals.outstanding_count;
+        }
+        let mut worst: HashMap<u64, f64> = HashMap::new();
+        let mut over = Vec::new();
+        for (&pid, traced) in &self.processes {
+            let (allocations, outstanding) = by_process.get(&pid).copied().unwrap_or_default();
+            let Some(cpu_ns) = budget::cpu_ns(pid) else {
+                continue; // Gone: the next discovery lets it go.
+            };
+            let usage = budget::Usage {
+                allocations,
+                outstanding,
+                cpu_ns,
+            };
+            let ratio = match budget.judge(pid, usage) {
+                Verdict::Pending => continue,
+                Verdict::Within(ratio) => ratio,
+                Verdict::Over(ratio) => {
+                    over.push((pid, traced.cgroup_id, ratio));
+                    ratio
+                }
+            };
+            let worst = worst.entry(traced.cgroup_id).or_default();
+            *worst = worst.max(ratio);
+        }
+        for (cgroup_id, ratio) in worst {
+            self.metrics
+                .overhead_ratio
+                .with_label_values(&labels_of(labels, cgroup_id).values())
+                .set(ratio);
+        }
+        let retry_at = Instant::now() + self.args.budget_retry;
+        for (pid, cgroup_id, ratio) in over {
+            let labels = labels_of(labels, cgroup_id);
+            log::warn!(
+                "pid {pid} ({}): the probes cost ~{:.1}% of its CPU, over the budget of {}%: \
+                 detached for {:?}",
+                labels.container,
+                ratio * 100.0,
+                self.args.max_overhead,
+                self.args.budget_retry
+            );
+            self.metrics
+                .budget_detaches
+                .with_label_values(&labels.values())
+                .inc();
+            budget.forget(pid);
+            self.processes.remove(&pid);
+            self.tracer.untrace(pid);
+            if let Err(e) = self.tracer.forget(pid) {
+                log::warn!("freeing the map entries of pid {pid}: {e:#}");
+            }
+            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
+            self.over_budget.insert(pid, retry_at);
+            self.metrics
+                .traced_processes
+                .set(self.processes.len() as i64);
+        }
     }
 
     /// Labels per cgroup id, from the traced processes in each (read once per interval).

@@ -23,6 +23,8 @@ pub enum Command {
     /// Run the node agent: trace chosen processes, detect leaks, serve Prometheus metrics.
     #[command(after_help = AGENT_EXAMPLES)]
     Agent(AgentArgs),
+    /// Measure what memtrace's allocator probes cost per call on this machine.
+    Calibrate(CalibrateArgs),
 }
 
 const AGENT_EXAMPLES: &str = "\
@@ -107,6 +109,24 @@ pub struct AgentArgs {
     /// Capacity of the kernel's stack-trace map (distinct call stacks; ~1 KiB each).
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
+
+    /// CPU budget: the most the allocator probes may cost a traced process, in percent of
+    /// its own CPU time (estimated from its calls and `memtrace calibrate`'s per-call
+    /// cost). A process over it is detached, and retried after --budget-retry. 0 = no budget.
+    #[arg(long, env = "MEMTRACE_MAX_OVERHEAD", default_value_t = 1.0)]
+    pub max_overhead: f64,
+
+    /// How long a process detached for its budget stays untraced.
+    #[arg(long, env = "MEMTRACE_BUDGET_RETRY", default_value = "10m", value_parser = parse_duration)]
+    pub budget_retry: std::time::Duration,
+}
+
+/// `memtrace calibrate`.
+#[derive(Args, Debug, Clone)]
+pub struct CalibrateArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const TOP_EXAMPLES: &str = "\
@@ -203,5 +223,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Top(args) => crate::top::run(args),
         Command::Agent(args) => crate::agent::run(args),
+        Command::Calibrate(args) => crate::calibrate::run(args.json),
     }
 }

@@ -5,6 +5,8 @@
 //! probe sits; `symbolize` and `report` turn addresses into stacks users can read; `top`
 //! and `launch` make the `memtrace top` command.
 pub mod agent;
+pub mod budget;
+pub mod calibrate;
 pub mod cgroup;
 pub mod cli;
 pub mod detect;

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub attach_errors: IntCounter,
     pub evicted_stacks: IntCounter,
     pub tick_seconds: Gauge,
+    pub overhead_ratio: GaugeVec,
+    pub budget_detaches: IntCounterVec,
+    pub probe_cost_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -129,6 +132,33 @@ impl Metrics {
                 "memtrace_tick_duration_seconds",
                 "Time the last interval's work took.",
             )?,
+            overhead_ratio: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "memtrace_overhead_ratio",
+                        "Estimated CPU the allocator probes cost a container's most taxed traced process, as a fraction of its own CPU.",
+                    ),
+                    &CONTAINER_LABELS,
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            budget_detaches: counter_vec(
+                "memtrace_budget_detaches_total",
+                "Processes detached because their probes cost more than --max-overhead.",
+                &CONTAINER_LABELS,
+            )?,
+            probe_cost_seconds: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "memtrace_probe_cost_seconds",
+                        "Calibrated CPU cost of one traced allocator call, by call.",
+                    ),
+                    &["call"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
             registry,
         };
         for metric in [&metrics.traced_processes, &metrics.attached_probes] {
@@ -173,6 +203,9 @@ impl Metrics {
         let _ = self.freed_bytes.remove_label_values(&values);
         let _ = self.leak_suspects.remove_label_values(&values);
         let _ = self.leak_events.remove_label_values(&values);
+        let _ = self.overhead_ratio.remove_label_values(&values);
+        // budget_detaches stays: a container whose processes were all detached for their
+        // budget is exactly the one whose count must stay visible.
     }
 }
 

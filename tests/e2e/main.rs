@@ -13,6 +13,7 @@ mod prometheus;
 mod util;
 
 mod agent_attach_errors;
+mod agent_budget;
 mod agent_env;
 mod agent_follow;
 mod agent_pprof;
