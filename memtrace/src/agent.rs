@@ -17,14 +17,16 @@ use crate::{
     budget::{self, Budget, Verdict},
     calibrate::{self, TrapCost},
     cgroup::{self, Hierarchy, Patterns},
-    cli::AgentArgs,
+    cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
+    escalate::{Change, Escalation},
     metrics::{ContainerLabels, Metrics},
     preflight, process,
     profile::ProfileSample,
     report::{self, Frame, Resolver},
     symbolize::Symbolizer,
     tracer::{Snapshot, Tracer, TracerOptions},
+    watch::{GrowthSite, Watch},
 };
 
 /// A suspect as `/api/v1/suspects` shows it.
@@ -54,6 +56,8 @@ pub struct View {
     pub suspects: Vec<Suspect>,
     /// Outstanding memory per container (by container label), for pprof and flame graphs.
     pub profiles: BTreeMap<String, Vec<ProfileSample>>,
+    /// The always-on tier's top growth sites per container.
+    pub growth: Vec<GrowthSite>,
 }
 
 pub type SharedView = Arc<RwLock<View>>;
@@ -125,6 +129,13 @@ pub struct Agent {
     budget: Option<Budget>,
     /// Processes detached for their budget, and when they may be traced again.
     over_budget: HashMap<u32, Instant>,
+    /// The always-on tier (`None` when the kernel cannot run it).
+    watch: Option<Watch>,
+    escalation: Escalation,
+    /// Whether probes follow escalation (`--probes escalate` and the always-on tier runs).
+    escalating: bool,
+    /// Containers watched but not escalated: their stacks keep what was learned.
+    frozen: HashSet<u64>,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -132,13 +143,13 @@ const OLDEST_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(60
 
 impl Agent {
     pub fn new(args: AgentArgs, metrics: Metrics, view: SharedView) -> Result<Self> {
-        let tracer = Tracer::load(&TracerOptions {
+        let mut tracer = Tracer::load(&TracerOptions {
             sample_bytes: args.sample_bytes,
             max_allocations: args.max_allocations,
             max_stacks: args.max_stack_traces,
             // Probes are shared by the traced processes of each libc file.
             filter_processes: true,
-            ..TracerOptions::default()
+            fault_sample: args.fault_sample,
         })?;
         let patterns = Patterns::new(&args.cgroup)?;
         let hierarchy = match Hierarchy::find() {
@@ -177,7 +188,25 @@ impl Agent {
             max_points: args.max_points,
             threshold: args.threshold,
         };
+        let watch = match (tracer.enable_growth(), &hierarchy) {
+            (Ok(()), Some(_)) => Some(Watch::new(detector.clone())),
+            (Ok(()), None) => {
+                log::warn!("the always-on tier needs a cgroup v2 hierarchy: it is off");
+                None
+            }
+            (Err(e), _) => {
+                log::warn!("the always-on tier is off: {e:#}");
+                None
+            }
+        };
+        let escalating = args.probes == ProbeMode::Escalate && watch.is_some();
+        if args.probes == ProbeMode::Escalate && !escalating {
+            log::warn!(
+                "--probes escalate needs the always-on tier: probes go on every traced process"
+            );
+        }
         Ok(Self {
+            escalation: Escalation::new(args.escalate_for),
             args,
             detector,
             tracer,
@@ -196,6 +225,9 @@ impl Agent {
             calibration,
             budget: None,
             over_budget: HashMap::new(),
+            watch,
+            escalating,
+            frozen: HashSet::new(),
         })
     }
 
@@ -219,7 +251,9 @@ impl Agent {
 
     /// One interval: discover, read, detect, publish.
     pub fn tick(&mut self) -> Result<()> {
-        self.discover();
+        let wanted = self.wanted();
+        let wanted = self.observe_growth(wanted);
+        self.discover(wanted);
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
         let snapshot = self.tracer.snapshot(&tgids)?;
         for traced in self.processes.values_mut() {
@@ -257,8 +291,94 @@ impl Agent {
         wanted
     }
 
-    fn discover(&mut self) {
-        let wanted = self.wanted();
+    /// Runs the always-on tier over every wanted process and moves escalation along;
+    /// returns the processes that should have allocator probes now.
+    fn observe_growth(&mut self, wanted: BTreeMap<u32, String>) -> BTreeMap<u32, String> {
+        let (Some(watch), Some(hierarchy)) = (&mut self.watch, &self.hierarchy) else {
+            return wanted;
+        };
+        let mut ids: HashMap<String, u64> = HashMap::new();
+        let mut watched = BTreeMap::new();
+        for (pid, path) in &wanted {
+            let id = match ids.get(path) {
+                Some(id) => *id,
+                None => match hierarchy.id(path) {
+                    Ok(id) => *ids.entry(path.clone()).or_insert(id),
+                    Err(_) => continue, // The cgroup went away meanwhile.
+                },
+            };
+            let labels = ContainerLabels {
+                container: path.clone(),
+                ..Default::default()
+            };
+            watched.insert(*pid, (id, labels));
+        }
+        let growth = watch.observe(
+            &watched,
+            &mut self.tracer,
+            &mut self.symbolizer,
+            &self.metrics,
+        );
+        self.view.write().unwrap_or_else(|e| e.into_inner()).growth = growth;
+        if !self.escalating {
+            return wanted;
+        }
+        let now = Instant::now();
+        let containers = watch.container_ids();
+        for &id in &containers {
+            let Some(labels) = watch.labels(id).cloned() else {
+                continue;
+            };
+            match self.escalation.update(id, now, watch.growing(id)) {
+                Some(Change::Started) => {
+                    log::info!(
+                        "{}: memory grows; allocator probes on for {:?}",
+                        labels.container,
+                        self.args.escalate_for
+                    );
+                    self.metrics
+                        .escalations
+                        .with_label_values(&labels.values())
+                        .inc();
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(1);
+                }
+                Some(Change::Ended) => {
+                    log::info!(
+                        "{}: escalation window over; allocator probes off",
+                        labels.container
+                    );
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(0);
+                }
+                None => {
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(i64::from(self.escalation.is_escalated(id)));
+                }
+            }
+        }
+        self.frozen = containers
+            .iter()
+            .copied()
+            .filter(|id| !self.escalation.is_escalated(*id))
+            .collect();
+        wanted
+            .into_iter()
+            .filter(|(pid, _)| {
+                watched
+                    .get(pid)
+                    .is_some_and(|(id, _)| self.escalation.is_escalated(*id))
+            })
+            .collect()
+    }
+
+    fn discover(&mut self, wanted: BTreeMap<u32, String>) {
         let gone: Vec<u32> = self
             .processes
             .keys()
@@ -278,7 +398,7 @@ impl Agent {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
-            log::info!("pid {pid} is gone: detached");
+            log::info!("pid {pid}: detached");
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         for (pid, path) in wanted {
@@ -523,8 +643,10 @@ impl Agent {
         }
         // Stacks whose processes are gone: retire their series.
         for (cgroup_id, container) in &mut self.containers {
+            let frozen = self.frozen.contains(cgroup_id);
             container.stacks.retain(|stack_id, state| {
-                let keep = seen.contains(&(*cgroup_id, stack_id.clone()));
+                // A container between escalations keeps what its last window learned.
+                let keep = frozen || seen.contains(&(*cgroup_id, stack_id.clone()));
                 if !keep && state.published {
                     let values = container.labels.with_stack(stack_id, &state.site);
                     let _ = self.metrics.leak_suspicion.remove_label_values(&values);

@@ -116,6 +116,22 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_MAX_OVERHEAD", default_value_t = 1.0)]
     pub max_overhead: f64,
 
+    /// When the allocator probes go on: `escalate` (default) watches every container with
+    /// the always-on tier (page faults, anonymous memory; no trap per allocation) and gives
+    /// a container probes for --escalate-for when its memory grows; `always` puts probes on
+    /// every traced process from the start.
+    #[arg(long, env = "MEMTRACE_PROBES", value_enum, default_value_t = ProbeMode::Escalate)]
+    pub probes: ProbeMode,
+
+    /// How long one escalation keeps a container's allocator probes on (then off, with a
+    /// doubling pause while it keeps growing).
+    #[arg(long, env = "MEMTRACE_ESCALATE_FOR", default_value = "10m", value_parser = parse_duration)]
+    pub escalate_for: std::time::Duration,
+
+    /// Always-on tier: walk the stack of every Nth populating page fault per CPU.
+    #[arg(long, env = "MEMTRACE_FAULT_SAMPLE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_sample: u64,
+
     /// How long a process detached for its budget stays untraced.
     #[arg(long, env = "MEMTRACE_BUDGET_RETRY", default_value = "10m", value_parser = parse_duration)]
     pub budget_retry: std::time::Duration,
@@ -208,6 +224,15 @@ pub struct TopArgs {
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// When the agent attaches allocator probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeMode {
+    /// To every traced process, from the start.
+    Always,
+    /// To the processes of containers whose memory grows, for --escalate-for at a time.
+    Escalate,
 }
 
 /// Which of memtrace's two tiers `top` runs.

@@ -80,6 +80,21 @@ impl Tracer {
         }
     }
 
+    /// Frees the always-on tier's map entries of process `tgid` (gone).
+    pub fn forget_growth(&mut self, tgid: u32) -> Result<()> {
+        let mut faults: BpfHashMap<&mut MapData, UsageKey, FaultGrowth> =
+            BpfHashMap::try_from(self.map_mut(maps::FAULTS)?)?;
+        let doomed: Vec<UsageKey> = faults
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in doomed {
+            let _ = faults.remove(&key);
+        }
+        Ok(())
+    }
+
     /// The always-on tier's growth per stack for processes `keep` accepts, as a
     /// [`Snapshot`] (see the module's docs for what its numbers mean).
     pub fn growth_snapshot(&mut self, keep: impl Fn(&UsageKey) -> bool) -> Result<Snapshot> {

@@ -89,6 +89,7 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/suspects", get(suspects))
+        .route("/api/v1/growth", get(growth))
         .route("/debug/pprof/heap", get(pprof_heap))
         .route("/flamegraph.svg", get(flamegraph))
         .with_state(state)
@@ -117,6 +118,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn suspects(State(state): State<AppState>) -> Response {
     let view = state.view.read().unwrap_or_else(|e| e.into_inner());
     axum::Json(&view.suspects).into_response()
+}
+
+/// The always-on tier's top growth sites per container.
+async fn growth(State(state): State<AppState>) -> Response {
+    let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    axum::Json(&view.growth).into_response()
 }
 
 /// The samples of `?container=` (all containers when absent), or a 404 naming it.

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub overhead_ratio: GaugeVec,
     pub budget_detaches: IntCounterVec,
     pub probe_cost_seconds: GaugeVec,
+    pub anon_memory_bytes: IntGaugeVec,
+    pub populated_bytes: IntCounterVec,
+    pub escalated: IntGaugeVec,
+    pub escalations: IntCounterVec,
 }
 
 impl Metrics {
@@ -159,6 +163,26 @@ impl Metrics {
                 registry.register(Box::new(metric.clone()))?;
                 metric
             },
+            anon_memory_bytes: gauge_vec(
+                "memtrace_anon_memory_bytes",
+                "Anonymous resident memory of a watched container's processes (always-on tier).",
+                &CONTAINER_LABELS,
+            )?,
+            populated_bytes: counter_vec(
+                "memtrace_populated_bytes_total",
+                "Bytes of the pages a watched container's processes populated by touching new memory (always-on tier).",
+                &CONTAINER_LABELS,
+            )?,
+            escalated: gauge_vec(
+                "memtrace_escalated",
+                "1 while a container has allocator probes because its memory grows (--probes escalate).",
+                &CONTAINER_LABELS,
+            )?,
+            escalations: counter_vec(
+                "memtrace_escalations_total",
+                "Windows of allocator probes a container got because its memory grew.",
+                &CONTAINER_LABELS,
+            )?,
             registry,
         };
         for metric in [&metrics.traced_processes, &metrics.attached_probes] {
@@ -196,6 +220,15 @@ impl Metrics {
     }
 
     /// Forgets every series of a container that is gone.
+    /// Removes the always-on tier's series of a container no longer watched.
+    pub fn retire_watched(&self, labels: &ContainerLabels) {
+        let values = labels.values();
+        let _ = self.anon_memory_bytes.remove_label_values(&values);
+        let _ = self.populated_bytes.remove_label_values(&values);
+        let _ = self.escalated.remove_label_values(&values);
+        let _ = self.escalations.remove_label_values(&values);
+    }
+
     pub fn retire_container(&self, labels: &ContainerLabels) {
         let values = labels.values();
         let _ = self.outstanding_bytes.remove_label_values(&values);

@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, COUNT_SCALE, Counter, FaultGrowth, NO_STACK, ProcessKey, ProcessTotals,
-    StackFrames, ThreadState, Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, COUNT_SCALE, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
+    ThreadState, Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement, process::FileId};
@@ -453,7 +453,6 @@ impl Tracer {
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
-        purge::<UsageKey, FaultGrowth>(self.map_mut(maps::FAULTS)?, |k| k.tgid == tgid)?;
         Ok(())
     }
 

@@ -277,6 +277,9 @@ const AGENT_ENV: &[&str] = &[
     "MEMTRACE_MAX_STACK_TRACES",
     "MEMTRACE_MAX_OVERHEAD",
     "MEMTRACE_BUDGET_RETRY",
+    "MEMTRACE_PROBES",
+    "MEMTRACE_ESCALATE_FOR",
+    "MEMTRACE_FAULT_SAMPLE",
 ];
 
 impl Agent {
@@ -298,6 +301,9 @@ impl Agent {
         // The CPU budget would detach the busy fixtures other tests watch: only the
         // budget's own test turns it on (a flag wins over the environment).
         cmd.env("MEMTRACE_MAX_OVERHEAD", "0");
+        // Likewise, the tests of the exact tier want its probes from the start; the
+        // escalation test asks for `--probes escalate`.
+        cmd.env("MEMTRACE_PROBES", "always");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -15,6 +15,7 @@ mod util;
 mod agent_attach_errors;
 mod agent_budget;
 mod agent_env;
+mod agent_escalate;
 mod agent_follow;
 mod agent_pprof;
 mod agent_prometheus;
