@@ -29,6 +29,11 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to count when `FILTER_PROCESSES` is set: tgid → 1.
     pub const TRACED: &str = "TRACED";
+    /// Per-CPU `i64`: `ALLOCS` entries marked [`crate::FREED`] minus those reused (sum
+    /// over CPUs: how many there are, less what userspace swept).
+    pub const FREED_ENTRIES: &str = "FREED_ENTRIES";
+    /// One `u64`: the sweep epoch userspace advances; a freed entry records it.
+    pub const SWEEP_EPOCH: &str = "SWEEP_EPOCH";
     /// Always-on tier: containers whose page faults are counted, cgroup id → 1.
     pub const WATCHED_CGROUPS: &str = "WATCHED_CGROUPS";
     /// Always-on tier: processes whose page faults are counted, tgid → 1.
@@ -78,6 +83,13 @@ pub const MUNMAP_MAX_REGIONS: u32 = 8;
 /// A call entering within this long after an allocator call on the same thread, deeper
 /// on its stack, is nested in it. No allocator call lasts a second.
 pub const NESTED_MAX_NS: u64 = 1_000_000_000;
+
+/// `size` of an `ALLOCS` entry whose block was freed. A free marks its entry instead of
+/// deleting it, and the next block at the same address (malloc hands freed addresses out
+/// again first) overwrites it in place: two hash-map updates per pair fewer. Its
+/// `timestamp_ns` then holds the sweep epoch of the free; userspace deletes entries left
+/// freed for a whole epoch.
+pub const FREED: u64 = u64::MAX;
 
 /// `stack_id` of an allocation whose stack was not walked (sampled out or walk failed).
 pub const NO_STACK: u64 = 0;

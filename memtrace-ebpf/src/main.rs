@@ -27,13 +27,13 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, MAX_STACK_DEPTH, MUNMAP_MAX_PAGES_BACK,
-    MUNMAP_MAX_REGIONS, NESTED_MAX_NS, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
-    ThreadState, Usage, UsageKey, capacity,
+    AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, FREED, MAX_STACK_DEPTH,
+    MUNMAP_MAX_PAGES_BACK, MUNMAP_MAX_REGIONS, NESTED_MAX_NS, NO_STACK, ProcessKey, ProcessTotals,
+    StackFrames, ThreadState, Usage, UsageKey, capacity,
 };
 
 /// Each byte is sampled with probability 1/SAMPLE_BYTES (1 = exact); set at load time.
@@ -66,6 +66,10 @@ static USAGE: HashMap<UsageKey, Usage> =
 static PROCESS_TOTALS: PerCpuHashMap<ProcessKey, ProcessTotals> =
     PerCpuHashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
 #[map]
+static FREED_ENTRIES: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SWEEP_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+#[map]
 static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(capacity::STACKS, 0);
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
@@ -93,6 +97,14 @@ fn page_size() -> u64 {
     let page = unsafe { core::ptr::read_volatile(&PAGE_SIZE) };
     // Never zero: a division by zero would be a panic, which the verifier rejects.
     if page == 0 { 4096 } else { page }
+}
+
+/// CLOCK_MONOTONIC in ns, read once per allocator call (~50 ns here). The coarse clock
+/// would be cheaper, but the kernel does not offer it to tracing programs (not NMI-safe).
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Whether the calling process is one memtrace traces.
@@ -300,8 +312,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
     }
     // SAFETY: reading the saved registers of the probed task.
     let sp = unsafe { (*ctx.regs).rsp };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let slot = THREADS.get_ptr_mut(id);
     if let Some(slot) = slot {
         // SAFETY: only this thread touches its slot.
@@ -347,7 +358,19 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
 fn save(entry: &Entry) {
     match entry.slot {
         // SAFETY: only this thread touches its slot.
-        Some(slot) => unsafe { *slot = entry.state },
+        Some(slot) => unsafe {
+            let state = &entry.state;
+            if state.kind == AllocKind::Plain as u32 || state.kind == AllocKind::Mmap as u32 {
+                // Most calls: the return reads no more than this, so write no more.
+                (*slot).depth = state.depth;
+                (*slot).kind = state.kind;
+                (*slot).sp = state.sp;
+                (*slot).entered_ns = state.entered_ns;
+                (*slot).pending = state.pending;
+            } else {
+                *slot = *state;
+            }
+        },
         None => {
             if THREADS
                 .insert(bpf_get_current_pid_tgid(), &entry.state, BPF_ANY as u64)
@@ -479,33 +502,67 @@ fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full:
         _pad: 0,
         addr,
     };
-    if map.insert(&key, info, BPF_NOEXIST as u64).is_err() {
-        // A block already live at this address means its free was missed (a full map
-        // earlier, an untraced path): retire it so the totals stay consistent.
-        let Some(stale) = map.get_ptr_mut(&key) else {
-            count(full);
-            return;
-        };
-        // SAFETY: a valid map value pointer; copied out before it is overwritten.
-        let old = unsafe { *stale };
-        account_free(&old, old.size, 0);
-        unsafe { *stale = *info };
+    // Most blocks land where one was freed before: its entry is reused in place.
+    if !(overwrite(map, &key, info)
+        || map.insert(&key, info, BPF_NOEXIST as u64).is_ok()
+        || overwrite(map, &key, info))
+    {
+        count(full);
+        return;
     }
     account_alloc(info, usage);
 }
 
-/// Removes the live block at `addr` and returns it.
+/// Puts `info` in `key`'s existing entry, if there is one: a freed entry, or a block
+/// whose free was missed (a full map earlier, an untraced path), retired first so the
+/// totals stay consistent.
 #[inline(always)]
-fn take(map: &HashMap<AllocKey, AllocInfo>, tgid: u32, addr: u64) -> Option<AllocInfo> {
+fn overwrite(map: &HashMap<AllocKey, AllocInfo>, key: &AllocKey, info: &AllocInfo) -> bool {
+    let Some(slot) = map.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; copied out before it is overwritten. Only the
+    // thread that got this address from the allocator writes its entry now.
+    let old = unsafe { *slot };
+    if old.size == FREED {
+        count_freed_entries(-1);
+    } else {
+        account_free(&old, old.size, 0);
+    }
+    unsafe { *slot = *info };
+    true
+}
+
+#[inline(always)]
+fn count_freed_entries(delta: i64) {
+    if let Some(slot) = FREED_ENTRIES.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.
+        unsafe { *slot += delta };
+    }
+}
+
+/// Takes the live block at `addr` out of `ALLOCS` (marking its entry [`FREED`] for the
+/// next block at that address) and returns it.
+#[inline(always)]
+fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     let key = AllocKey {
         tgid,
         _pad: 0,
         addr,
     };
-    // SAFETY: copied out before the remove; if another thread removed it first, the
-    // remove fails and that thread accounts for it.
-    let info = unsafe { *map.get_ptr(&key)? };
-    map.remove(&key).ok()?;
+    let slot = ALLOCS.get_ptr_mut(&key)?;
+    // SAFETY: a valid map value pointer, copied out before it is marked. The block is
+    // being freed by this thread: nobody else writes its entry now.
+    let info = unsafe { *slot };
+    if info.size == FREED {
+        return None;
+    }
+    let epoch = SWEEP_EPOCH.get(0).copied().unwrap_or(0);
+    unsafe {
+        (*slot).size = FREED;
+        (*slot).timestamp_ns = epoch;
+    }
+    count_freed_entries(1);
     Some(info)
 }
 
@@ -519,7 +576,7 @@ fn inside_allocator(id: u64, sp: u64) -> bool {
     let state = unsafe { &*state };
     // The clock is read only when a call is in flight (rarely, for a free).
     // SAFETY: helper without preconditions.
-    state.depth > 0 && is_nested(state, sp, unsafe { bpf_ktime_get_ns() })
+    state.depth > 0 && is_nested(state, sp, now_ns())
 }
 
 /// `a * b` unless it overflows. `checked_mul` (and LLVM's rewrite of a division check)
@@ -623,7 +680,7 @@ fn enter_realloc(ctx: &ProbeContext, ptr: u64, size: Option<u64>) {
     let state = &mut entry.state;
     if ptr != 0 {
         let tgid = state.pending.usage.tgid;
-        match take(&ALLOCS, tgid, ptr) {
+        match take(tgid, ptr) {
             Some(old) => {
                 account_free(&old, old.size, 0);
                 state.old_addr = ptr;
@@ -669,7 +726,8 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
             return 0;
         }
     }
-    let state = *state;
+    // Read in place: the slot stays this thread's until its next call.
+    let state = &*state;
     let ret: u64 = ctx.ret();
 
     // The block's time is its call's entry: one clock read per call.
@@ -704,7 +762,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
                     _pad: 0,
                     addr: state.old_addr,
                 };
-                if ALLOCS.insert(&key, &old, BPF_ANY as u64).is_err() {
+                if !(overwrite_freed(&key, &old)
+                    || ALLOCS.insert(&key, &old, BPF_ANY as u64).is_ok())
+                {
                     count(Counter::AllocsFull);
                 }
             }
@@ -716,6 +776,22 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         }
     }
     0
+}
+
+/// Puts `info` back into `key`'s entry if it is still marked freed (a realloc that failed
+/// restores its old block).
+#[inline(always)]
+fn overwrite_freed(key: &AllocKey, info: &AllocInfo) -> bool {
+    let Some(slot) = ALLOCS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; this thread owns the block at this address.
+    if unsafe { (*slot).size } != FREED {
+        return false;
+    }
+    count_freed_entries(-1);
+    unsafe { *slot = *info };
+    true
 }
 
 /// Undoes `account_free` of a whole block (a realloc that failed).
@@ -755,7 +831,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     // Look the block up first: a live block is freed whatever the thread is inside (no
     // allocator frees a caller's block through `free` but realloc(p, 0), which took it out
     // already), so only a miss needs the per-thread check.
-    match take(&ALLOCS, tgid, ptr) {
+    match take(tgid, ptr) {
         Some(info) => account_free(&info, info.size, 0),
         None if !inside_allocator(id, unsafe { (*ctx.regs).rsp }) => unmatched_free(tgid),
         None => {}

@@ -255,6 +255,13 @@ impl Agent {
         let wanted = self.observe_growth(wanted);
         self.discover(wanted);
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
+        match self.tracer.sweep_freed(false) {
+            Ok(sweep) if sweep.deleted > 0 => {
+                log::debug!("swept {} freed live-block entries", sweep.deleted)
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("sweeping freed live-block entries: {e:#}"),
+        }
         let snapshot = self.tracer.snapshot(&tgids)?;
         for traced in self.processes.values_mut() {
             traced

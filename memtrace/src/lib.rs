@@ -21,6 +21,7 @@ pub mod preflight;
 pub mod process;
 pub mod profile;
 pub mod report;
+pub mod sweep;
 pub mod symbolize;
 pub mod top;
 pub mod tracer;

@@ -265,6 +265,9 @@ fn trace(
         }
         if Instant::now() >= next_refresh {
             next_refresh += interval;
+            if let Err(e) = tracer.sweep_freed(false) {
+                log::warn!("sweeping freed live-block entries: {e:#}");
+            }
             let snapshot = read(args, tracer, &tgids)?;
             resolver.learn(&snapshot.stacks, &mut symbolizer);
             if args.format == Format::Table {

@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, COUNT_SCALE, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
-    ThreadState, Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, COUNT_SCALE, Counter, FREED, NO_STACK, ProcessKey, ProcessTotals,
+    StackFrames, ThreadState, Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement, process::FileId};
@@ -151,6 +151,12 @@ pub struct Tracer {
     ebpf: Ebpf,
     /// The loaded `SAMPLE_BYTES`: 1 means process totals are partly in `USAGE`.
     sample_bytes: u64,
+    /// Capacity of `ALLOCS`.
+    max_allocations: u32,
+    /// Freed `ALLOCS` entries deleted from here (swept, or purged with their process).
+    freed_deleted: i64,
+    /// The sweep epoch last written to `SWEEP_EPOCH`.
+    sweep_epoch: u64,
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
     loaded: HashSet<&'static str>,
@@ -197,6 +203,9 @@ impl Tracer {
         Ok(Self {
             ebpf,
             sample_bytes: options.sample_bytes.max(1),
+            max_allocations: options.max_allocations,
+            freed_deleted: 0,
+            sweep_epoch: 0,
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
@@ -413,7 +422,7 @@ impl Tracer {
         let mut oldest: HashMap<UsageKey, u64> = HashMap::new();
         // Entries may vanish while we walk: skip what fails to read.
         for (_, info) in allocs.iter().filter_map(Result::ok) {
-            if stacks.contains(&info.usage) {
+            if info.size != FREED && stacks.contains(&info.usage) {
                 let time = oldest.entry(info.usage).or_insert(info.timestamp_ns);
                 *time = (*time).min(info.timestamp_ns);
             }
@@ -450,10 +459,48 @@ impl Tracer {
         for key in doomed {
             let _ = totals.remove(&key);
         }
-        purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
+        self.purge_allocs(tgid)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
         Ok(())
+    }
+
+    /// Deletes the `ALLOCS` entries of `tgid`, noting how many were freed entries.
+    fn purge_allocs(&mut self, tgid: u32) -> Result<()> {
+        let mut allocs: BpfHashMap<&mut MapData, AllocKey, AllocInfo> =
+            BpfHashMap::try_from(self.map_mut(maps::ALLOCS)?)?;
+        let doomed: Vec<AllocKey> = allocs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        let mut freed = 0;
+        for key in doomed {
+            if allocs.get(&key, 0).is_ok_and(|info| info.size == FREED) {
+                freed += 1;
+            }
+            // Gone already (removed by a racing probe) is fine.
+            let _ = allocs.remove(&key);
+        }
+        self.freed_deleted += freed;
+        Ok(())
+    }
+
+    pub(crate) fn max_allocations(&self) -> u32 {
+        self.max_allocations
+    }
+
+    pub(crate) fn freed_deleted(&self) -> i64 {
+        self.freed_deleted
+    }
+
+    pub(crate) fn note_freed_deleted(&mut self, deleted: u64) {
+        self.freed_deleted += deleted as i64;
+    }
+
+    pub(crate) fn advance_sweep_epoch(&mut self) -> u64 {
+        self.sweep_epoch += 1;
+        self.sweep_epoch
     }
 
     pub(crate) fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
