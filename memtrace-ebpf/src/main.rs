@@ -237,7 +237,7 @@ fn walk_stack_from(caller: u64, fp: u64) -> u64 {
     let mut len = 1;
     let mut fp = fp;
     for i in 1..MAX_STACK_DEPTH {
-        if fp == 0 || fp % 8 != 0 {
+        if fp == 0 || !fp.is_multiple_of(8) {
             break;
         }
         // SAFETY: as above; a bad frame pointer just fails the read.

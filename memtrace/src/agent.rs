@@ -855,6 +855,13 @@ impl Agent {
             .map_entries
             .with_label_values(&["allocs"])
             .set(total.outstanding_allocations as i64);
+        // Entries kept for reuse after a free (see `sweep`): they use map capacity too.
+        if let Ok(freed) = self.tracer.freed_entries() {
+            self.metrics
+                .map_entries
+                .with_label_values(&["allocs_freed"])
+                .set(freed.max(0));
+        }
     }
 }
 
