@@ -58,6 +58,8 @@ pub struct View {
     pub profiles: BTreeMap<String, Vec<ProfileSample>>,
     /// The always-on tier's top growth sites per container.
     pub growth: Vec<GrowthSite>,
+    /// Pages populated per stack and container (by label), for pprof and flame graphs.
+    pub growth_profiles: BTreeMap<String, Vec<ProfileSample>>,
 }
 
 pub type SharedView = Arc<RwLock<View>>;
@@ -320,13 +322,17 @@ impl Agent {
             };
             watched.insert(*pid, (id, labels));
         }
-        let growth = watch.observe(
+        let observed = watch.observe(
             &watched,
             &mut self.tracer,
             &mut self.symbolizer,
             &self.metrics,
         );
-        self.view.write().unwrap_or_else(|e| e.into_inner()).growth = growth;
+        {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            view.growth = observed.sites;
+            view.growth_profiles = observed.profiles;
+        }
         if !self.escalating {
             return wanted;
         }

@@ -12,10 +12,20 @@ use serde::Serialize;
 use crate::{
     detect::{Assessment, DetectorConfig, Point, Series},
     metrics::{ContainerLabels, Metrics},
+    profile::ProfileSample,
     report::{Frame, Resolver},
     symbolize::Symbolizer,
     tracer::Tracer,
 };
+
+/// What one interval of the always-on tier publishes.
+#[derive(Default)]
+pub struct Observed {
+    /// Top growth sites per container.
+    pub sites: Vec<GrowthSite>,
+    /// Every growth stack per container (by container label), for pprof and flame graphs.
+    pub profiles: BTreeMap<String, Vec<ProfileSample>>,
+}
 
 /// Growth sites kept per container in the API.
 const SITES_PER_CONTAINER: usize = 5;
@@ -63,14 +73,14 @@ impl Watch {
 
     /// Follows `wanted` (pid → (cgroup id, labels)) for one interval: watches new
     /// containers' page faults, lets go of gone ones, and pushes each container's
-    /// anonymous memory to its series. Returns the growth sites for the API.
+    /// anonymous memory to its series. Returns what the API shows of it.
     pub fn observe(
         &mut self,
         wanted: &BTreeMap<u32, (u64, ContainerLabels)>,
         tracer: &mut Tracer,
         symbolizer: &mut Symbolizer,
         metrics: &Metrics,
-    ) -> Vec<GrowthSite> {
+    ) -> Observed {
         // Processes: resolvers for new ones, map entries of gone ones freed.
         let gone: Vec<u32> = self
             .processes
@@ -171,13 +181,13 @@ impl Watch {
         tracer: &mut Tracer,
         symbolizer: &mut Symbolizer,
         metrics: &Metrics,
-    ) -> Vec<GrowthSite> {
+    ) -> Observed {
         let watched: HashSet<u64> = self.containers.keys().copied().collect();
         let snapshot = match tracer.growth_snapshot(|key| watched.contains(&key.cgroup_id)) {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 log::warn!("reading the always-on tier's maps: {e:#}");
-                return Vec::new();
+                return Observed::default();
             }
         };
         for (_, resolver) in self.processes.values_mut() {
@@ -222,6 +232,17 @@ impl Watch {
                     .inc_by(delta);
             }
         }
+        let mut profiles: BTreeMap<String, Vec<ProfileSample>> = BTreeMap::new();
+        for site in sites.values() {
+            profiles
+                .entry(site.labels.container.clone())
+                .or_default()
+                .push(ProfileSample {
+                    frames: site.frames.clone(),
+                    bytes: site.populated_bytes,
+                    count: site.populated_bytes / crate::tracer::page_size(),
+                });
+        }
         let mut sites: Vec<GrowthSite> = sites.into_values().collect();
         sites.sort_by(|a, b| {
             b.populated_bytes
@@ -234,7 +255,7 @@ impl Watch {
             *n += 1;
             *n <= SITES_PER_CONTAINER
         });
-        sites
+        Observed { sites, profiles }
     }
 }
 

@@ -118,4 +118,16 @@ fn escalation_attaches_and_detaches_on_schedule() {
             .is_some_and(|s| s.starts_with("leak_pages")),
         "the grower's top growth site is leak_pages: {growth}"
     );
+    // The same growth as a flame graph, by tier; an unknown tier is refused.
+    let svg = agent.get(&format!(
+        "/flamegraph.svg?tier=growth&container={}",
+        url_encode(&grower_cg.label)
+    ));
+    assert_eq!(svg.status, 200, "{}", svg.text());
+    assert!(
+        svg.text().contains("leak_pages"),
+        "the growth flame graph shows leak_pages"
+    );
+    let bad = agent.get("/flamegraph.svg?tier=bogus");
+    assert_eq!(bad.status, 400, "{}", bad.text());
 }
