@@ -322,8 +322,13 @@ impl Agent {
             };
             watched.insert(*pid, (id, labels));
         }
+        let dirs: HashMap<u64, std::path::PathBuf> = ids
+            .iter()
+            .map(|(path, id)| (*id, hierarchy.dir(path)))
+            .collect();
         let observed = watch.observe(
             &watched,
+            &dirs,
             &mut self.tracer,
             &mut self.symbolizer,
             &self.metrics,

@@ -77,6 +77,7 @@ impl Watch {
     pub fn observe(
         &mut self,
         wanted: &BTreeMap<u32, (u64, ContainerLabels)>,
+        cgroup_dirs: &HashMap<u64, std::path::PathBuf>,
         tracer: &mut Tracer,
         symbolizer: &mut Symbolizer,
         metrics: &Metrics,
@@ -103,10 +104,17 @@ impl Watch {
             });
         }
 
-        // Containers: watched while a wanted process is in them.
+        // Containers: watched while a wanted process is in them. Their anonymous memory
+        // is the cgroup's own count where its memory controller is on cgroup v2, else the
+        // sum over its processes.
         let mut anon: HashMap<u64, u64> = HashMap::new();
         for (&pid, (cgroup_id, _)) in wanted {
             *anon.entry(*cgroup_id).or_default() += anon_rss(pid).unwrap_or(0);
+        }
+        for (id, dir) in cgroup_dirs {
+            if let Some(bytes) = cgroup_anon(dir) {
+                anon.insert(*id, bytes);
+            }
         }
         let dropped: Vec<u64> = self
             .containers
@@ -259,6 +267,19 @@ impl Watch {
     }
 }
 
+/// Anonymous memory of a cgroup v2 directory (`anon` in its `memory.stat`), when its memory
+/// controller is enabled there.
+fn cgroup_anon(dir: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    parse_memory_stat_anon(&stat)
+}
+
+fn parse_memory_stat_anon(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|line| line.strip_prefix("anon "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Anonymous resident memory of process `pid` in bytes (`RssAnon` of /proc/PID/status).
 fn anon_rss(pid: u32) -> Option<u64> {
     let status = procfs::process::Process::new(pid as i32)
@@ -271,6 +292,14 @@ fn anon_rss(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_anon_from_memory_stat() {
+        let stat = "anon_thp 0\nanon 1234567\nfile 42\n";
+        assert_eq!(parse_memory_stat_anon(stat), Some(1_234_567));
+        assert_eq!(parse_memory_stat_anon("file 42\n"), None);
+        assert_eq!(parse_memory_stat_anon("anon lots\n"), None);
+    }
 
     #[test]
     fn own_anonymous_memory_is_readable() {
