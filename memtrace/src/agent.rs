@@ -17,7 +17,10 @@ use crate::{
     cgroup::{self, Hierarchy, Patterns},
     cli::AgentArgs,
     detect::{Assessment, DetectorConfig, Point, Series},
+    k8s,
     metrics::{ContainerLabels, Metrics},
+    pods::PodDiscovery,
+    policy::Policy,
     preflight, process,
     profile::ProfileSample,
     report::{self, Frame, Resolver},
@@ -59,8 +62,22 @@ pub type SharedView = Arc<RwLock<View>>;
 struct TracedProcess {
     resolver: Resolver,
     cgroup_id: u64,
+    cgroup_path: String,
     labels: ContainerLabels,
 }
+
+/// What wakes the agent between intervals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Detach everything and return.
+    Stop,
+    /// Processes or pods changed: look for processes to trace (and gone ones) now.
+    Discover,
+}
+
+/// The least time between two discoveries woken by events: a burst of execs, exits or pod
+/// updates costs one /proc and cgroup scan, not one each.
+const MIN_DISCOVERY_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A process that could not be attached: retried with back-off.
 struct Failure {
@@ -117,6 +134,10 @@ pub struct Agent {
     view: SharedView,
     started: Instant,
     next_oldest_scan: Option<Instant>,
+    /// Pods of this node, when running with Kubernetes.
+    pods: Option<PodDiscovery>,
+    wake_tx: mpsc::Sender<Wake>,
+    wake_rx: mpsc::Receiver<Wake>,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -140,6 +161,8 @@ impl Agent {
             }
             Err(e) => return Err(e.context("--cgroup needs a cgroup v2 hierarchy")),
         };
+        let (wake_tx, wake_rx) = mpsc::channel();
+        let pods = start_pods(&args, &metrics, wake_tx.clone())?;
         let detector = DetectorConfig {
             window: args.window,
             max_points: args.max_points,
@@ -161,21 +184,55 @@ impl Agent {
             view,
             started: Instant::now(),
             next_oldest_scan: None,
+            pods,
+            wake_tx,
+            wake_rx,
         })
     }
 
-    /// Runs until `stop` receives (or its sender is dropped), one tick per interval.
+    /// A sender that wakes the agent (for events from other threads).
+    pub fn waker(&self) -> mpsc::Sender<Wake> {
+        self.wake_tx.clone()
+    }
+
+    /// Runs until `stop` receives (or its sender is dropped), one tick per interval, and
+    /// a discovery between ticks whenever something wakes it.
     pub fn run(&mut self, stop: mpsc::Receiver<()>) -> Result<()> {
-        loop {
+        let waker = self.waker();
+        std::thread::Builder::new()
+            .name("memtrace-stop".into())
+            .spawn(move || {
+                let _ = stop.recv();
+                let _ = waker.send(Wake::Stop);
+            })?;
+        'ticks: loop {
             let began = Instant::now();
             if let Err(e) = self.tick() {
                 log::warn!("interval failed: {e:#}");
             }
             self.metrics.tick_seconds.set(began.elapsed().as_secs_f64());
-            let wait = self.args.interval.saturating_sub(began.elapsed());
-            match stop.recv_timeout(wait) {
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                _ => break,
+            let due = began + self.args.interval;
+            let mut quiet_until = Instant::now();
+            let mut pending = false;
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                let until = if pending { quiet_until.min(due) } else { due };
+                match self
+                    .wake_rx
+                    .recv_timeout(until.saturating_duration_since(now))
+                {
+                    Ok(Wake::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break 'ticks,
+                    Ok(Wake::Discover) => pending = true,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if pending && Instant::now() >= quiet_until {
+                    pending = false;
+                    self.discover();
+                    quiet_until = Instant::now() + MIN_DISCOVERY_GAP;
+                }
             }
         }
         self.tracer.finish_detaching();
@@ -206,6 +263,9 @@ impl Agent {
             if process::exists(pid) {
                 wanted.insert(pid, cgroup::of_process(pid).unwrap_or_default());
             }
+        }
+        if let (Some(pods), Some(hierarchy)) = (&self.pods, &self.hierarchy) {
+            pods.wanted(hierarchy, &mut wanted);
         }
         if let Some(hierarchy) = &self.hierarchy
             && !self.patterns.is_empty()
@@ -296,16 +356,25 @@ impl Agent {
         Ok(TracedProcess {
             resolver,
             cgroup_id,
+            cgroup_path: cgroup_path.to_owned(),
             labels,
         })
     }
 
-    /// Labels per cgroup id, from the traced processes in each (read once per interval).
+    /// Labels per cgroup id, from the traced processes in each (read once per interval):
+    /// on Kubernetes, a container's pod as the API knows it now (so a container traced
+    /// under its id is relabelled when its pod appears).
     fn labels_by_cgroup(&self) -> HashMap<u64, ContainerLabels> {
-        self.processes
-            .values()
-            .map(|p| (p.cgroup_id, p.labels.clone()))
-            .collect()
+        let mut labels = HashMap::new();
+        for p in self.processes.values() {
+            labels.entry(p.cgroup_id).or_insert_with(|| {
+                self.pods
+                    .as_ref()
+                    .and_then(|pods| pods.labels(&p.cgroup_path))
+                    .unwrap_or_else(|| p.labels.clone())
+            });
+        }
+        labels
     }
 
     fn sum_stacks(&self, snapshot: &Snapshot) -> HashMap<(u64, String), StackSum> {
@@ -333,6 +402,7 @@ impl Agent {
         sums: HashMap<(u64, String), StackSum>,
         labels: &HashMap<u64, ContainerLabels>,
     ) {
+        self.relabel(labels);
         let t = self.started.elapsed().as_secs_f64();
         let now_ms = monotonic_ms();
         let mut seen: HashSet<(u64, String)> = HashSet::new();
@@ -405,6 +475,36 @@ impl Agent {
             }
             keep
         });
+    }
+
+    /// Moves containers whose labels changed (their pod became known) to the new labels,
+    /// retiring the series under the old ones.
+    fn relabel(&mut self, labels: &HashMap<u64, ContainerLabels>) {
+        for (cgroup_id, container) in &mut self.containers {
+            let Some(new) = labels.get(cgroup_id) else {
+                continue;
+            };
+            if *new == container.labels {
+                continue;
+            }
+            log::info!(
+                "container {} is {}/{}/{}",
+                container.labels.container,
+                new.namespace,
+                new.pod,
+                new.container
+            );
+            self.metrics.retire_container(&container.labels);
+            for (stack_id, state) in &mut container.stacks {
+                if state.published {
+                    let values = container.labels.with_stack(stack_id, &state.site);
+                    let _ = self.metrics.leak_suspicion.remove_label_values(&values);
+                    let _ = self.metrics.leak_growth.remove_label_values(&values);
+                    state.published = false;
+                }
+            }
+            container.labels = new.clone();
+        }
     }
 
     fn publish(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
@@ -642,6 +742,32 @@ fn make_room(
     }
     metrics.evicted_stacks.inc();
     true
+}
+
+/// Starts watching this node's pods when running with Kubernetes (`--kubeconfig`, or in a
+/// pod); pod changes wake discovery.
+fn start_pods(
+    args: &AgentArgs,
+    metrics: &Metrics,
+    wake: mpsc::Sender<Wake>,
+) -> Result<Option<PodDiscovery>> {
+    let policy = Policy::new(
+        &args.namespace,
+        &args.exclude_namespace,
+        args.pod_selector.as_deref(),
+        args.trace_default,
+    )?;
+    let options = k8s::Options {
+        kubeconfig: args.kubeconfig.clone(),
+        node_name: args
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok()),
+    };
+    let notify = move || {
+        let _ = wake.send(Wake::Discover);
+    };
+    PodDiscovery::start(&options, policy, &metrics.registry, Box::new(notify))
 }
 
 /// CLOCK_MONOTONIC in ms: the clock of `bpf_ktime_get_ns`.

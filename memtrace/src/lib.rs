@@ -7,12 +7,16 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod container;
 pub mod detect;
 pub mod elf;
 pub mod http;
+pub mod k8s;
 pub mod launch;
 pub mod metrics;
 pub mod placement;
+pub mod pods;
+pub mod policy;
 pub mod preflight;
 pub mod process;
 pub mod profile;
