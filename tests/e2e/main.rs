@@ -9,6 +9,7 @@
 
 mod agent_util;
 mod deploy_util;
+mod pods_util;
 mod prometheus;
 mod util;
 
@@ -29,6 +30,7 @@ mod exact;
 mod isolation;
 mod munmap;
 mod nested;
+mod pods_labels;
 mod realloc;
 mod sampling;
 mod threads;
