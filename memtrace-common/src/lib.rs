@@ -295,3 +295,43 @@ const _: () = {
     assert!(core::mem::size_of::<ProcessTotals>() == 48);
     assert!(core::mem::size_of::<ThreadState>() == 8 + 16 + 56 + 8 + 8 + 56 + 8);
 };
+
+/// Process lifecycle events: `exec` in a watched cgroup (or of a traced process) and
+/// `exit` of a traced process, from BTF tracepoints through a ring buffer. They are rare
+/// (not per allocation): they wake the agent's discovery, which attaches to new processes
+/// and frees the map entries of gone ones at once instead of at the next interval.
+pub mod lifecycle {
+    /// Ring buffer of [`crate::LifecycleEvent`]s.
+    pub const EVENTS: &str = "LIFECYCLE_EVENTS";
+    /// cgroup id → 1: an exec in this cgroup or any cgroup below it is reported.
+    pub const WATCHED_CGROUPS: &str = "WATCHED_CGROUPS";
+    /// Per-CPU count of events lost because the ring buffer was full (slot 0).
+    pub const DROPS: &str = "LIFECYCLE_DROPS";
+    /// Program on `sched_process_exec`.
+    pub const EXEC_PROGRAM: &str = "lifecycle_exec";
+    /// Program on `sched_process_exit`.
+    pub const EXIT_PROGRAM: &str = "lifecycle_exit";
+    pub const EXEC_TRACEPOINT: &str = "sched_process_exec";
+    pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
+    /// Ring buffer size (a power of two, a multiple of the page size): 4096 events.
+    pub const RING_BYTES: u32 = 64 * 1024;
+    pub const MAX_WATCHED_CGROUPS: u32 = 1024;
+    /// cgroup levels checked against `WATCHED_CGROUPS` (the root is level 0).
+    pub const MAX_CGROUP_LEVEL: i32 = 16;
+    /// [`crate::LifecycleEvent::kind`]: a process called exec.
+    pub const EXEC: u32 = 1;
+    /// [`crate::LifecycleEvent::kind`]: a traced process exited.
+    pub const EXIT: u32 = 2;
+}
+
+/// One lifecycle event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    /// [`lifecycle::EXEC`] or [`lifecycle::EXIT`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub cgroup_id: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LifecycleEvent>() == 16);

@@ -72,6 +72,8 @@ static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+mod lifecycle;
+
 const MAP_ANONYMOUS: u64 = 0x20;
 const MAX_ERRNO: u64 = 4095;
 

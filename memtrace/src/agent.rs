@@ -18,6 +18,7 @@ use crate::{
     cli::AgentArgs,
     detect::{Assessment, DetectorConfig, Point, Series},
     k8s,
+    lifecycle::Lifecycle,
     metrics::{ContainerLabels, Metrics},
     pods::PodDiscovery,
     policy::Policy,
@@ -136,6 +137,9 @@ pub struct Agent {
     next_oldest_scan: Option<Instant>,
     /// Pods of this node, when running with Kubernetes.
     pods: Option<PodDiscovery>,
+    /// Exec and exit events from the kernel (absent if their programs cannot attach).
+    lifecycle: Option<Lifecycle>,
+    last_lifecycle_drops: u64,
     wake_tx: mpsc::Sender<Wake>,
     wake_rx: mpsc::Receiver<Wake>,
 }
@@ -145,7 +149,7 @@ const OLDEST_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(60
 
 impl Agent {
     pub fn new(args: AgentArgs, metrics: Metrics, view: SharedView) -> Result<Self> {
-        let tracer = Tracer::load(&TracerOptions {
+        let mut tracer = Tracer::load(&TracerOptions {
             sample_bytes: args.sample_bytes,
             max_allocations: args.max_allocations,
             max_stacks: args.max_stack_traces,
@@ -163,6 +167,17 @@ impl Agent {
         };
         let (wake_tx, wake_rx) = mpsc::channel();
         let pods = start_pods(&args, &metrics, wake_tx.clone())?;
+        let waker = wake_tx.clone();
+        let notify = Box::new(move || {
+            let _ = waker.send(Wake::Discover);
+        });
+        let lifecycle = match Lifecycle::start(&mut tracer, &metrics.registry, notify) {
+            Ok(lifecycle) => Some(lifecycle),
+            Err(e) => {
+                log::warn!("{e:#}: new processes are found by the periodic rescan only");
+                None
+            }
+        };
         let detector = DetectorConfig {
             window: args.window,
             max_points: args.max_points,
@@ -185,6 +200,8 @@ impl Agent {
             started: Instant::now(),
             next_oldest_scan: None,
             pods,
+            lifecycle,
+            last_lifecycle_drops: 0,
             wake_tx,
             wake_rx,
         })
@@ -242,6 +259,19 @@ impl Agent {
     /// One interval: discover, read, detect, publish.
     pub fn tick(&mut self) -> Result<()> {
         self.discover();
+        if let Some(lifecycle) = &self.lifecycle {
+            let drops = lifecycle.dropped();
+            self.metrics
+                .dropped_events
+                .with_label_values(&["lifecycle_ring_full"])
+                .inc_by(drops.saturating_sub(self.last_lifecycle_drops));
+            self.last_lifecycle_drops = drops;
+        }
+        if let Ok((traced, totals)) = self.tracer.process_entries() {
+            let entries = &self.metrics.map_entries;
+            entries.with_label_values(&["traced"]).set(traced as i64);
+            entries.with_label_values(&["process_totals"]).set(totals as i64);
+        }
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
         let snapshot = self.tracer.snapshot(&tgids)?;
         for traced in self.processes.values_mut() {
@@ -256,9 +286,11 @@ impl Agent {
         Ok(())
     }
 
-    /// The processes that should be traced now, with their cgroup paths.
-    fn wanted(&self) -> BTreeMap<u32, String> {
+    /// The processes that should be traced now, with their cgroup paths; and the cgroups
+    /// in (and below) which an exec must wake discovery.
+    fn wanted(&self) -> (BTreeMap<u32, String>, Vec<String>) {
         let mut wanted = BTreeMap::new();
+        let mut watched = Vec::new();
         for &pid in &self.args.pid {
             if process::exists(pid) {
                 wanted.insert(pid, cgroup::of_process(pid).unwrap_or_default());
@@ -266,11 +298,13 @@ impl Agent {
         }
         if let (Some(pods), Some(hierarchy)) = (&self.pods, &self.hierarchy) {
             pods.wanted(hierarchy, &mut wanted);
+            watched.extend(crate::pods::roots(&hierarchy.mount));
         }
         if let Some(hierarchy) = &self.hierarchy
             && !self.patterns.is_empty()
         {
             for path in hierarchy.matching(&self.patterns) {
+                watched.push(path.clone());
                 for pid in hierarchy.processes(&path).unwrap_or_default() {
                     wanted.insert(pid, path.clone());
                 }
@@ -278,25 +312,41 @@ impl Agent {
         }
         // Never trace ourselves: our own allocations would feed our own maps.
         wanted.remove(&std::process::id());
-        wanted
+        (wanted, watched)
     }
 
     fn discover(&mut self) {
-        let wanted = self.wanted();
-        let gone: Vec<u32> = self
+        let events = self
+            .lifecycle
+            .as_ref()
+            .map(Lifecycle::take)
+            .unwrap_or_default();
+        let (wanted, watched) = self.wanted();
+        if let (Some(lifecycle), Some(hierarchy)) = (&mut self.lifecycle, &self.hierarchy) {
+            let ids = watched.iter().filter_map(|p| hierarchy.id(p).ok()).collect();
+            lifecycle.watch(&ids);
+        }
+        // A traced process that exec'd runs a new image: its old heap is gone and its
+        // libc may be another file; it is attached anew below.
+        let gone: HashSet<u32> = self
             .processes
             .keys()
             .copied()
-            .filter(|pid| !wanted.contains_key(pid) || !process::exists(*pid))
+            .filter(|pid| {
+                !wanted.contains_key(pid) || events.execs.contains(pid) || !process::exists(*pid)
+            })
             .collect();
-        for pid in gone {
+        for &pid in &gone {
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
-            if let Err(e) = self.tracer.forget(pid) {
-                log::warn!("freeing the map entries of pid {pid}: {e:#}");
-            }
-            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
             log::info!("pid {pid} is gone: detached");
+        }
+        if !gone.is_empty() {
+            if let Err(e) = self.tracer.forget_all(&gone) {
+                log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
+            }
+            self.last_totals
+                .retain(|(_, tgid), _| !gone.contains(tgid));
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         let now = Instant::now();

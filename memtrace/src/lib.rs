@@ -13,6 +13,7 @@ pub mod elf;
 pub mod http;
 pub mod k8s;
 pub mod launch;
+pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
 pub mod pods;

@@ -65,6 +65,36 @@ impl PodDiscovery {
     }
 }
 
+fn is_root(name: &str) -> bool {
+    name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice")
+}
+
+/// The `kubepods` roots of the hierarchy mounted at `mount` (relative, with a leading /).
+pub fn roots(mount: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![(mount.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            if is_root(&entry.file_name().to_string_lossy()) {
+                if let Ok(relative) = path.strip_prefix(mount) {
+                    found.push(format!("/{}", relative.to_string_lossy()));
+                }
+            } else if depth + 1 < ROOT_DEPTH {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
 /// Every container cgroup under a `kubepods` root of the hierarchy mounted at `mount`, as
 /// (path relative to the mount, with a leading /, and what the path says).
 pub fn containers(mount: &Path) -> Vec<(String, ContainerRef)> {

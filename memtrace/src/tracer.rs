@@ -416,6 +416,18 @@ impl Tracer {
 
     /// Deletes everything the maps hold about process `tgid` (after it exited).
     pub fn forget(&mut self, tgid: u32) -> Result<()> {
+        self.forget_all(&HashSet::from([tgid]))
+    }
+
+    /// The loaded object, for the module that adds programs of its own (`lifecycle`).
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// [`Tracer::forget`] for several processes at once: one pass over each map, however
+    /// many processes exited (short-lived processes come and go by the hundred).
+    pub fn forget_all(&mut self, tgids: &HashSet<u32>) -> Result<()> {
+        let gone = |tgid: u32| tgids.contains(&tgid);
         fn purge<K: aya::Pod, V: aya::Pod>(
             map: &mut aya::maps::Map,
             belongs: impl Fn(&K) -> bool,
@@ -432,20 +444,20 @@ impl Tracer {
             }
             Ok(())
         }
-        purge::<UsageKey, Usage>(self.map_mut(maps::USAGE)?, |k| k.tgid == tgid)?;
+        purge::<UsageKey, Usage>(self.map_mut(maps::USAGE)?, |k| gone(k.tgid))?;
         let mut totals: PerCpuHashMap<&mut MapData, ProcessKey, ProcessTotals> =
             PerCpuHashMap::try_from(self.map_mut(maps::PROCESS_TOTALS)?)?;
         let doomed: Vec<ProcessKey> = totals
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
+            .filter(|k| gone(k.tgid))
             .collect();
         for key in doomed {
             let _ = totals.remove(&key);
         }
-        purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
-        purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
-        purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
+        purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| gone(k.tgid))?;
+        purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| gone(k.tgid))?;
+        purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| gone((k >> 32) as u32))?;
         Ok(())
     }
 
@@ -517,6 +529,16 @@ impl Tracer {
         self.ebpf
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))
+    }
+
+    /// Entries of the per-process maps, whoever they belong to: `TRACED` and
+    /// `PROCESS_TOTALS` (a process's entries there live exactly as long as its blocks in
+    /// `ALLOCS`), so that entries left behind by gone processes show.
+    pub fn process_entries(&self) -> Result<(usize, usize)> {
+        let traced: BpfHashMap<&MapData, u32, u32> = BpfHashMap::try_from(self.map(maps::TRACED)?)?;
+        let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
+            PerCpuHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
+        Ok((traced.keys().count(), totals.keys().count()))
     }
 }
 

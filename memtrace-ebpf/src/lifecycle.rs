@@ -1,0 +1,77 @@
+//! Process lifecycle events for the agent's discovery: an `exec` in a watched cgroup (or
+//! of a traced process) and the `exit` of a traced process, from BTF tracepoints (no
+//! tracefs needed), sent through a ring buffer. Rare events only: nothing here runs per
+//! allocation.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use memtrace_common::{LifecycleEvent, lifecycle};
+
+use crate::TRACED;
+
+#[map]
+static LIFECYCLE_EVENTS: RingBuf = RingBuf::with_byte_size(lifecycle::RING_BYTES, 0);
+#[map]
+static WATCHED_CGROUPS: HashMap<u64, u32> =
+    HashMap::with_max_entries(lifecycle::MAX_WATCHED_CGROUPS, 0);
+#[map]
+static LIFECYCLE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the current task's cgroup, or one of its ancestors, is watched.
+#[inline(always)]
+fn in_watched_cgroup() -> bool {
+    for level in 0..=lifecycle::MAX_CGROUP_LEVEL {
+        // SAFETY: BPF helper without memory arguments.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            // Past the task's own level.
+            return false;
+        }
+        if WATCHED_CGROUPS.get_ptr(&id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn send(kind: u32, tgid: u32) {
+    let event = LifecycleEvent {
+        kind,
+        tgid,
+        // SAFETY: BPF helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    if LIFECYCLE_EVENTS.output::<LifecycleEvent>(&event, 0).is_err()
+        && let Some(drops) = LIFECYCLE_DROPS.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.
+        unsafe { *drops += 1 };
+    }
+}
+
+/// After a successful exec (the task already runs the new image).
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn lifecycle_exec(_ctx: BtfTracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TRACED.get_ptr(&tgid).is_some() || in_watched_cgroup() {
+        send(lifecycle::EXEC, tgid);
+    }
+    0
+}
+
+/// When a task exits; reported for the thread-group leader of a traced process only.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn lifecycle_exit(_ctx: BtfTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tgid == pid && TRACED.get_ptr(&tgid).is_some() {
+        send(lifecycle::EXIT, tgid);
+    }
+    0
+}
