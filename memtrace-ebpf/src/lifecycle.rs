@@ -47,7 +47,9 @@ fn send(kind: u32, tgid: u32) {
         // SAFETY: BPF helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     };
-    if LIFECYCLE_EVENTS.output::<LifecycleEvent>(&event, 0).is_err()
+    if LIFECYCLE_EVENTS
+        .output::<LifecycleEvent>(&event, 0)
+        .is_err()
         && let Some(drops) = LIFECYCLE_DROPS.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.

@@ -84,7 +84,18 @@ const MIN_DISCOVERY_GAP: std::time::Duration = std::time::Duration::from_millis(
 struct Failure {
     retry_at: Instant,
     attempts: u32,
+    first: Instant,
+    logged: bool,
 }
+
+/// A process found right at its exec has not mapped its libc yet (the dynamic loader does
+/// that next): for a process that young, failures are retried quickly (100 ms, doubling)
+/// before the back-off in intervals.
+const QUICK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const QUICK_RETRIES: u32 = 4;
+const QUICK_RETRY_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long discovery waits after an exec event, for the loader to map libc.
+const EXEC_SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 struct StackState {
     series: Series,
@@ -222,38 +233,64 @@ impl Agent {
                 let _ = stop.recv();
                 let _ = waker.send(Wake::Stop);
             })?;
-        'ticks: loop {
+        loop {
             let began = Instant::now();
             if let Err(e) = self.tick() {
                 log::warn!("interval failed: {e:#}");
             }
             self.metrics.tick_seconds.set(began.elapsed().as_secs_f64());
-            let due = began + self.args.interval;
-            let mut quiet_until = Instant::now();
-            let mut pending = false;
-            loop {
-                let now = Instant::now();
-                if now >= due {
-                    break;
-                }
-                let until = if pending { quiet_until.min(due) } else { due };
-                match self
-                    .wake_rx
-                    .recv_timeout(until.saturating_duration_since(now))
-                {
-                    Ok(Wake::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break 'ticks,
-                    Ok(Wake::Discover) => pending = true,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                }
-                if pending && Instant::now() >= quiet_until {
-                    pending = false;
-                    self.discover();
-                    quiet_until = Instant::now() + MIN_DISCOVERY_GAP;
-                }
+            if !self.wait_until(began + self.args.interval) {
+                break;
             }
         }
         self.tracer.finish_detaching();
         Ok(())
+    }
+
+    /// Waits until `due`, discovering whenever something wakes the agent (at most every
+    /// [`MIN_DISCOVERY_GAP`]) and when a quick retry is due; false when told to stop.
+    fn wait_until(&mut self, due: Instant) -> bool {
+        let mut quiet_until = Instant::now();
+        let mut pending = false;
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                return true;
+            }
+            let retry = self
+                .failures
+                .values()
+                .map(|f| f.retry_at.max(quiet_until))
+                .min()
+                .filter(|at| *at < due);
+            let mut until = due;
+            if pending {
+                until = until.min(quiet_until);
+            }
+            if let Some(at) = retry {
+                until = until.min(at);
+            }
+            match self
+                .wake_rx
+                .recv_timeout(until.saturating_duration_since(now))
+            {
+                Ok(Wake::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Ok(Wake::Discover) => {
+                    if !pending {
+                        quiet_until = quiet_until.max(Instant::now() + EXEC_SETTLE);
+                    }
+                    pending = true;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            let retry_due = retry.is_some_and(|at| now >= at);
+            if (pending || retry_due) && now >= quiet_until {
+                pending = false;
+                self.discover();
+                quiet_until = Instant::now() + MIN_DISCOVERY_GAP;
+            }
+        }
     }
 
     /// One interval: discover, read, detect, publish.
@@ -270,7 +307,9 @@ impl Agent {
         if let Ok((traced, totals)) = self.tracer.process_entries() {
             let entries = &self.metrics.map_entries;
             entries.with_label_values(&["traced"]).set(traced as i64);
-            entries.with_label_values(&["process_totals"]).set(totals as i64);
+            entries
+                .with_label_values(&["process_totals"])
+                .set(totals as i64);
         }
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
         let snapshot = self.tracer.snapshot(&tgids)?;
@@ -323,7 +362,10 @@ impl Agent {
             .unwrap_or_default();
         let (wanted, watched) = self.wanted();
         if let (Some(lifecycle), Some(hierarchy)) = (&mut self.lifecycle, &self.hierarchy) {
-            let ids = watched.iter().filter_map(|p| hierarchy.id(p).ok()).collect();
+            let ids = watched
+                .iter()
+                .filter_map(|p| hierarchy.id(p).ok())
+                .collect();
             lifecycle.watch(&ids);
         }
         // A traced process that exec'd runs a new image: its old heap is gone and its
@@ -345,8 +387,7 @@ impl Agent {
             if let Err(e) = self.tracer.forget_all(&gone) {
                 log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
             }
-            self.last_totals
-                .retain(|(_, tgid), _| !gone.contains(tgid));
+            self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         let now = Instant::now();
@@ -368,13 +409,22 @@ impl Agent {
                     let failure = self.failures.entry(pid).or_insert(Failure {
                         retry_at: now,
                         attempts: 0,
+                        first: now,
+                        logged: false,
                     });
-                    if failure.attempts == 0 {
-                        log::warn!("cannot trace pid {pid}: {e:#} (will retry)");
-                    }
                     failure.attempts += 1;
-                    // Back off: 1, 2, 4 ... up to 64 intervals.
-                    failure.retry_at = now + self.args.interval * (1 << failure.attempts.min(6));
+                    let young = now.duration_since(failure.first) < QUICK_RETRY_AGE;
+                    failure.retry_at = if young && failure.attempts <= QUICK_RETRIES {
+                        now + QUICK_RETRY * (1 << (failure.attempts - 1))
+                    } else {
+                        // Logged once: when quick retries end (or at once when there were none).
+                        if !failure.logged {
+                            failure.logged = true;
+                            log::warn!("cannot trace pid {pid}: {e:#} (will retry)");
+                        }
+                        // Back off: 1, 2, 4 ... up to 64 intervals.
+                        now + self.args.interval * (1 << failure.attempts.min(6))
+                    };
                 }
             }
         }

@@ -157,7 +157,8 @@ fn read_events(
             revents: 0,
         };
         // SAFETY: one valid pollfd; the timeout bounds how long a stop takes.
-        let ready = unsafe { libc::poll(&mut poll, 1, Duration::from_millis(200).as_millis() as i32) };
+        let ready =
+            unsafe { libc::poll(&mut poll, 1, Duration::from_millis(200).as_millis() as i32) };
         if ready <= 0 {
             continue;
         }

@@ -30,6 +30,7 @@ mod exact;
 mod isolation;
 mod munmap;
 mod nested;
+mod pods_churn;
 mod pods_labels;
 mod realloc;
 mod sampling;

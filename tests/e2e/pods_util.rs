@@ -388,23 +388,17 @@ pub fn kubelet_cgroup(cgroups: &mut TestCgroups, uid: &str, id: &str) -> Cgroup 
 }
 
 /// `memtrace agent` on Kubernetes: the fake API server's kubeconfig and node, a short
-/// interval, plus `args`.
+/// interval (unless `args` has one), plus `args`.
 pub fn start_pod_agent(api: &FakeApiServer, args: &[&str], env: &[(&str, &str)]) -> Agent {
     let addr = free_addr();
     let mut cmd = crate::util::memtrace_command(["agent"]);
     cmd.arg("--kubeconfig")
         .arg(api.kubeconfig())
-        .args([
-            "--node-name",
-            NODE,
-            "--interval",
-            "500ms",
-            "--window",
-            "20s",
-        ])
-        .args(args)
-        .arg("--listen")
-        .arg(addr.to_string());
+        .args(["--node-name", NODE, "--window", "20s"]);
+    if !args.contains(&"--interval") {
+        cmd.args(["--interval", "500ms"]);
+    }
+    cmd.args(args).arg("--listen").arg(addr.to_string());
     Agent::spawn(cmd, env, addr)
 }
 
@@ -424,4 +418,33 @@ pub fn pod_value(
             ("container", container),
         ],
     )
+}
+
+/// Starts `program args` inside `cgroup` (the shell moves itself in, then execs it) and
+/// waits for its `ready` line.
+pub fn start_in(cgroup: &Cgroup, program: &std::path::Path, args: &[&str]) -> crate::util::Proc {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0" && exec "$@""#)
+        .arg(cgroup.dir.join("cgroup.procs"))
+        .arg(program)
+        .args(args);
+    let proc = crate::util::Proc::spawn(
+        format!("{} {args:?} in {}", program.display(), cgroup.label),
+        cmd,
+    );
+    proc.wait_for_line(
+        crate::util::Stream::Stdout,
+        "`ready` line",
+        crate::util::WAIT_TIMEOUT,
+        |l| l.starts_with("ready"),
+    );
+    proc
+}
+
+/// Open file descriptors of a process.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }

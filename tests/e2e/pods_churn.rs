@@ -1,0 +1,153 @@
+//! Following processes as they come and go. With a long interval, a process started in a
+//! watched cgroup is traced, and one that exits is let go, at once: the kernel's exec and
+//! exit events wake discovery (the periodic rescan is a minute away). Under churn
+//! (hundreds of short-lived processes a second in a pod's container), the agent keeps no
+//! map entries, file descriptors or memory for them, and does not crash.
+
+use std::time::Duration;
+
+use crate::agent_util::*;
+use crate::pods_util::*;
+use crate::util::*;
+
+/// Children started per second, and for how long.
+const CHURN_RATE: u32 = 300;
+const CHURN_SECONDS: u32 = 20;
+
+#[test]
+fn pods_exec_and_exit_are_followed_at_once() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("events");
+    let cg = cgroups.create("app");
+    let pattern = format!("{}/app", cgroups.root_pattern());
+    // A minute between rescans: anything quicker comes from the exec/exit events.
+    let agent = Agent::start(&["--cgroup", &pattern, "--interval", "60s"]);
+    agent.wait_ready();
+    agent.wait_traced(0, WAIT_TIMEOUT);
+
+    let shape = start_shape(&cg, &["fixed", "10", "1000"]);
+    agent.wait_traced(1, Duration::from_secs(10));
+    let execs = agent
+        .scrape()
+        .value("memtrace_process_events_total", &[("kind", "exec")])
+        .unwrap_or(0.0);
+    assert!(execs >= 1.0, "no exec event counted\n{}", agent.stderr());
+
+    drop(shape); // SIGKILL and reap
+    agent.wait_traced(0, Duration::from_secs(10));
+    let exits = agent
+        .scrape()
+        .value("memtrace_process_events_total", &[("kind", "exit")])
+        .unwrap_or(0.0);
+    assert!(exits >= 1.0, "no exit event counted\n{}", agent.stderr());
+}
+
+#[test]
+fn pods_churn_leaves_nothing_behind() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("churn");
+    let pod = FakePod::new(
+        "batch",
+        "churn",
+        &pod_uid(21),
+        &[("worker", &container_id(21))],
+    );
+    let api = FakeApiServer::start(std::slice::from_ref(&pod));
+    let cg = kubelet_cgroup(&mut cgroups, &pod.uid, &container_id(21));
+    let churn = start_in(
+        &cg,
+        &fixture("churn"),
+        &[&CHURN_RATE.to_string(), &CHURN_SECONDS.to_string()],
+    );
+    let agent = start_pod_agent(&api, &["--interval", "1s"], &[]);
+    agent.wait_ready();
+    agent.wait_traced(1, WAIT_TIMEOUT);
+    let agent_pid = agent.proc.pid();
+
+    let before = agent.scrape();
+    let fds_before = open_fds(agent_pid);
+    let rss_before = before
+        .value("process_resident_memory_bytes", &[])
+        .expect("process_resident_memory_bytes");
+
+    churn.signal(libc::SIGUSR1);
+    let mut peak_fds = fds_before;
+    let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(CHURN_SECONDS) + 30);
+    let done = loop {
+        if let Some(line) = churn
+            .stdout_so_far()
+            .lines()
+            .find(|l| l.starts_with("done"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the churn fixture did not finish\n{}",
+            agent.stderr()
+        );
+        assert!(
+            http_get(agent.addr, "/healthz").is_ok_and(|r| r.status == 200),
+            "the agent stopped answering during churn\n{}",
+            agent.stderr()
+        );
+        peak_fds = peak_fds.max(open_fds(agent_pid));
+        std::thread::sleep(POLL * 5);
+    };
+    let started: f64 = done
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad done line {done:?}"));
+    assert!(
+        started >= f64::from(CHURN_RATE * CHURN_SECONDS) * 0.5,
+        "the fixture started only {started} children"
+    );
+
+    // Settled: only the parent is traced, and the per-process maps hold only its entries.
+    let after = agent.wait_for("the churn to be let go", Duration::from_secs(15), |s| {
+        let traced = s.value("memtrace_traced_processes", &[])?;
+        let in_map = s.value("memtrace_bpf_map_entries", &[("map", "traced")])?;
+        let totals = s.value("memtrace_bpf_map_entries", &[("map", "process_totals")])?;
+        (traced == 1.0 && in_map == 1.0 && totals <= 1.0).then(|| s.clone())
+    });
+    let execs = after
+        .value("memtrace_process_events_total", &[("kind", "exec")])
+        .unwrap_or(0.0);
+    let lost = after
+        .value(
+            "memtrace_dropped_events_total",
+            &[("reason", "lifecycle_ring_full")],
+        )
+        .unwrap_or(0.0);
+    assert!(
+        execs + lost >= started,
+        "{started} children exec'd, but {execs} exec events and {lost} lost ones were counted"
+    );
+    let fds_after = open_fds(agent_pid);
+    assert!(
+        fds_after <= fds_before + 8,
+        "the agent's open fds grew from {fds_before} to {fds_after} (peak {peak_fds})"
+    );
+    let rss_after = after
+        .value("process_resident_memory_bytes", &[])
+        .expect("process_resident_memory_bytes");
+    eprintln!(
+        "churn: {started} children, {execs} exec events, {lost} lost; fds {fds_before} -> {fds_after} (peak {peak_fds}); RSS {:.1} -> {:.1} MiB; attach errors {}",
+        rss_before / 1048576.0,
+        rss_after / 1048576.0,
+        after
+            .value("memtrace_attach_errors_total", &[])
+            .unwrap_or(0.0)
+    );
+    assert!(
+        rss_after <= rss_before + 64.0 * 1048576.0,
+        "the agent's RSS grew from {rss_before} to {rss_after} bytes"
+    );
+    drop(agent);
+    drop(churn);
+}
