@@ -32,6 +32,7 @@ mod munmap;
 mod nested;
 mod pods_churn;
 mod pods_labels;
+mod pods_libc;
 mod realloc;
 mod sampling;
 mod threads;
