@@ -259,6 +259,24 @@ impl Kubernetes {
                 host
             }
         };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("memtrace-kube")
+            .enable_all()
+            .build()?;
+        let config = match runtime.block_on(client_config(options.kubeconfig.as_deref())) {
+            Ok(config) => config,
+            // An explicit kubeconfig that does not work is the user's mistake: say so.
+            Err(e) if options.kubeconfig.is_some() => return Err(e),
+            Err(e) => {
+                log::warn!("{e:#}: running without Kubernetes (cgroup paths only)");
+                return Ok(None);
+            }
+        };
+        let client = {
+            let _guard = runtime.enter();
+            Client::try_from(config).context("Kubernetes client")?
+        };
         let metrics = WatchMetrics {
             errors: IntCounter::new(
                 "memtrace_kubernetes_errors_total",
@@ -271,16 +289,6 @@ impl Kubernetes {
         };
         registry.register(Box::new(metrics.errors.clone()))?;
         registry.register(Box::new(metrics.pods.clone()))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("memtrace-kube")
-            .enable_all()
-            .build()?;
-        let config = runtime.block_on(client_config(options.kubeconfig.as_deref()))?;
-        let client = {
-            let _guard = runtime.enter();
-            Client::try_from(config).context("Kubernetes client")?
-        };
         let index = Arc::new(RwLock::new(PodIndex::default()));
         runtime.spawn(watch(client, node.clone(), index.clone(), metrics, changed));
         log::info!("watching the pods of node {node}");

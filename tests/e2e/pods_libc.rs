@@ -36,17 +36,18 @@ fn pods_one_probe_set_per_libc_file() {
 
     let mut cgroups = TestCgroups::new("libc");
     let cg = cgroups.create("app");
+    let other = cgroups.create("other");
     let agent = Agent::start(&[
         "--cgroup",
-        &format!("{}/app", cgroups.root_pattern()),
+        &format!("{}/*", cgroups.root_pattern()),
         "--interval",
         "500ms",
     ]);
     agent.wait_ready();
 
-    // Two processes on the host's libc: one set of probes.
+    // Two containers on the host's libc: one set of probes.
     let a = start_shape(&cg, &["fixed", "10", "1000"]);
-    let b = start_shape(&cg, &["fixed", "10", "1000"]);
+    let b = start_shape(&other, &["fixed", "10", "1000"]);
     assert_eq!(mapped_libc(a.pid()), mapped_libc(b.pid()));
     agent.wait_traced(2, FEW_INTERVALS);
     let one_set = attached_probes(&agent);
@@ -62,7 +63,7 @@ fn pods_one_probe_set_per_libc_file() {
     std::fs::copy(&host_libc, lib.join("libc.so.6")).unwrap();
     let shapes = fixture("shapes");
     let c = start_in(
-        &cg,
+        &other,
         &loader,
         &[
             "--library-path",
@@ -84,7 +85,7 @@ fn pods_one_probe_set_per_libc_file() {
     });
     // The copy's probes count: only the third process allocates.
     c.signal(libc::SIGUSR1);
-    agent.wait_outstanding(&cg.label, 10 * 1000, FEW_INTERVALS);
+    agent.wait_outstanding(&other.label, 10 * 1000, FEW_INTERVALS);
 
     // Its last user gone, the copy's set is detached; the shared one stays.
     drop(c);
