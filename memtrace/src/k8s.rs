@@ -457,6 +457,18 @@ mod tests {
         assert_eq!(labels_of_unknown(&mut fresh, &stray), ["", "", ID]);
     }
 
+    #[test]
+    fn builds_a_tls_client() {
+        // In a cluster the API server is https: the rustls connector (ring) must build.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let config = Config::new("https://127.0.0.1:6443".parse().unwrap());
+        Client::try_from(config).unwrap();
+    }
+
     fn labels_of_unknown(index: &mut PodIndex, found: &container::ContainerRef) -> [String; 3] {
         let l = labels(&index.lookup(found), found);
         [l.namespace, l.pod, l.container]
