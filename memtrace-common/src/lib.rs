@@ -332,6 +332,8 @@ pub struct LifecycleEvent {
     pub kind: u32,
     pub tgid: u32,
     pub cgroup_id: u64,
+    /// When it happened (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub time_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LifecycleEvent>() == 16);
+const _: () = assert!(core::mem::size_of::<LifecycleEvent>() == 24);

@@ -5,6 +5,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -46,6 +47,8 @@ fn send(kind: u32, tgid: u32) {
         tgid,
         // SAFETY: BPF helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        // SAFETY: BPF helper without arguments.
+        time_ns: unsafe { bpf_ktime_get_ns() },
     };
     if LIFECYCLE_EVENTS
         .output::<LifecycleEvent>(&event, 0)

@@ -65,6 +65,8 @@ struct TracedProcess {
     cgroup_id: u64,
     cgroup_path: String,
     labels: ContainerLabels,
+    /// When it was attached (CLOCK_MONOTONIC ns): an exec before that is already seen.
+    attached_ns: u64,
 }
 
 /// What wakes the agent between intervals.
@@ -375,7 +377,11 @@ impl Agent {
             .keys()
             .copied()
             .filter(|pid| {
-                !wanted.contains_key(pid) || events.execs.contains(pid) || !process::exists(*pid)
+                let exec_since_attach = events
+                    .execs
+                    .get(pid)
+                    .is_some_and(|&at| at > self.processes[pid].attached_ns);
+                !wanted.contains_key(pid) || exec_since_attach || !process::exists(*pid)
             })
             .collect();
         for &pid in &gone {
@@ -437,6 +443,7 @@ impl Agent {
     }
 
     fn attach(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+        let attached_ns = (monotonic_ms() * 1e6) as u64;
         let libc = process::libc_of_running(pid)?;
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
@@ -458,6 +465,7 @@ impl Agent {
             cgroup_id,
             cgroup_path: cgroup_path.to_owned(),
             labels,
+            attached_ns,
         })
     }
 

@@ -6,7 +6,7 @@
 //! periodic /proc and cgroup rescan stays: it catches what events cannot (forks without
 //! exec, events lost to a full ring buffer).
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
@@ -33,8 +33,9 @@ const MAX_PENDING: usize = 65_536;
 /// What discovery learns from the events since it last looked.
 #[derive(Debug, Default)]
 pub struct Pending {
-    /// Processes that called exec (new ones, or traced ones running a new image).
-    pub execs: HashSet<u32>,
+    /// Processes that called exec (new ones, or traced ones running a new image), with
+    /// when they last did (CLOCK_MONOTONIC ns).
+    pub execs: HashMap<u32, u64>,
     /// Traced processes that exited.
     pub exits: HashSet<u32>,
 }
@@ -173,19 +174,20 @@ fn read_events(
                 let event: LifecycleEvent =
                     unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 any = true;
-                let set = match event.kind {
+                match event.kind {
                     lifecycle::EXEC => {
                         counted.with_label_values(&["exec"]).inc();
-                        &mut pending.execs
+                        if pending.execs.len() < MAX_PENDING {
+                            pending.execs.insert(event.tgid, event.time_ns);
+                        }
                     }
                     lifecycle::EXIT => {
                         counted.with_label_values(&["exit"]).inc();
-                        &mut pending.exits
+                        if pending.exits.len() < MAX_PENDING {
+                            pending.exits.insert(event.tgid);
+                        }
                     }
-                    _ => continue,
-                };
-                if set.len() < MAX_PENDING {
-                    set.insert(event.tgid);
+                    _ => {}
                 }
             }
         }

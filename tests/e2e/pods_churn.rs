@@ -1,6 +1,7 @@
 //! Following processes as they come and go. With a long interval, a process started in a
 //! watched cgroup is traced, and one that exits is let go, at once: the kernel's exec and
-//! exit events wake discovery (the periodic rescan is a minute away). Under churn
+//! exit events wake discovery (the periodic rescan is a minute away). A traced process
+//! that execs is detached and attached anew (its old heap is gone). Under churn
 //! (hundreds of short-lived processes a second in a pod's container), the agent keeps no
 //! map entries, file descriptors or memory for them, and does not crash.
 
@@ -42,6 +43,49 @@ fn pods_exec_and_exit_are_followed_at_once() {
         .value("memtrace_process_events_total", &[("kind", "exit")])
         .unwrap_or(0.0);
     assert!(exits >= 1.0, "no exit event counted\n{}", agent.stderr());
+}
+
+#[test]
+fn pods_exec_of_a_traced_process_reattaches() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("reexec");
+    let cg = cgroups.create("app");
+    let pattern = format!("{}/app", cgroups.root_pattern());
+    // A rescan never re-attaches a pid it already traces: only the exec event does.
+    let agent = Agent::start(&["--cgroup", &pattern, "--interval", "1s"]);
+    agent.wait_ready();
+    // A shell that is traced first, then execs the fixture.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0" && echo shell && sleep 1 && exec "$@""#)
+        .arg(cg.dir.join("cgroup.procs"))
+        .arg(fixture("shapes"))
+        .args(["fixed", "20", "1000"]);
+    let proc = Proc::spawn("sh, then shapes", cmd);
+    proc.wait_for_line(Stream::Stdout, "`shell` line", WAIT_TIMEOUT, |l| {
+        l.trim() == "shell"
+    });
+    let pid = proc.pid();
+    let traced = format!("tracing pid {pid} ");
+    let gone = format!("pid {pid} is gone");
+    let wait_log = |what: &str, needle: &str| {
+        agent
+            .proc
+            .wait_for_line(Stream::Stderr, what, Duration::from_secs(10), |l| {
+                l.contains(needle)
+            });
+    };
+    wait_log("the shell traced", &traced);
+    proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
+        l.starts_with("ready")
+    });
+    // The exec event: detached (its old heap is gone) and attached again, at once.
+    wait_log("the exec'd process detached", &gone);
+    wait_log("the exec'd process traced again", &traced);
+    proc.signal(libc::SIGUSR1);
+    agent.wait_outstanding(&cg.label, 20 * 1000, Duration::from_secs(10));
 }
 
 #[test]
