@@ -228,6 +228,20 @@ mod tests {
     }
 
     #[test]
+    fn hybrid_hosts_with_the_systemd_driver() {
+        // systemd mirrors its slices and scopes in the unified hierarchy: the v2 line of a
+        // container process on a hybrid host names its container like on a v2 host.
+        let proc_cgroup = format!(
+            "12:memory:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope\n\
+             1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope\n\
+             0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope\n",
+            u = underscored()
+        );
+        let v2 = crate::cgroup::parse_proc_cgroup(&proc_cgroup).unwrap();
+        assert_eq!(parse(&v2).unwrap().id, ID);
+    }
+
+    #[test]
     fn pod_uid_of_a_pod_cgroup() {
         assert_eq!(
             pod_uid_of(&format!("/kubepods/besteffort/pod{UID}")).as_deref(),
