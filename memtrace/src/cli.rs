@@ -114,7 +114,8 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_KUBECONFIG", help_heading = "Kubernetes")]
     pub kubeconfig: Option<std::path::PathBuf>,
 
-    /// This node's name (the DaemonSet passes `spec.nodeName` as NODE_NAME).
+    /// This node's name [default: $NODE_NAME, which the DaemonSet sets to `spec.nodeName`;
+    /// else the host name].
     #[arg(long, env = "MEMTRACE_NODE_NAME", help_heading = "Kubernetes")]
     pub node_name: Option<String>,
 

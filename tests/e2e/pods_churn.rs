@@ -24,8 +24,19 @@ fn pods_exec_and_exit_are_followed_at_once() {
     let cg = cgroups.create("app");
     let pattern = format!("{}/app", cgroups.root_pattern());
     // A minute between rescans: anything quicker comes from the exec/exit events.
-    let agent = Agent::start(&["--cgroup", &pattern, "--interval", "60s"]);
+    // KUBERNETES_SERVICE_HOST without a service account (no token): the agent says it runs
+    // without Kubernetes and goes on with cgroup paths.
+    let addr = free_addr();
+    let mut cmd = memtrace_command(["agent"]);
+    cmd.args(["--cgroup", &pattern, "--interval", "60s", "--listen"])
+        .arg(addr.to_string());
+    let agent = Agent::spawn(cmd, &[("KUBERNETES_SERVICE_HOST", "127.0.0.1")], addr);
     agent.wait_ready();
+    assert!(
+        agent.stderr().contains("running without Kubernetes"),
+        "{}",
+        agent.stderr()
+    );
     agent.wait_traced(0, WAIT_TIMEOUT);
 
     let shape = start_shape(&cg, &["fixed", "10", "1000"]);

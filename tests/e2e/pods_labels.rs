@@ -58,6 +58,11 @@ fn pods_label_series_by_pod() {
     let agent = start_pod_agent(&api, &[], &[]);
     agent.wait_ready();
     agent.wait_traced(2, FEW_INTERVALS);
+    assert_eq!(
+        agent.scrape().value("memtrace_kubernetes_pods", &[]),
+        Some(1.0),
+        "one pod of this node"
+    );
     assert!(
         api.requests()
             .iter()
