@@ -296,8 +296,8 @@ const _: () = {
     assert!(core::mem::size_of::<ThreadState>() == 8 + 16 + 56 + 8 + 8 + 56 + 8);
 };
 
-/// Process lifecycle events: `exec` in a watched cgroup (or of a traced process) and
-/// `exit` of a traced process, from BTF tracepoints through a ring buffer. They are rare
+/// Process lifecycle events: `exec` and `fork` in a watched cgroup (or by a traced
+/// process) and `exit` of a traced process, from BTF tracepoints through a ring buffer. They are rare
 /// (not per allocation): they wake the agent's discovery, which attaches to new processes
 /// and frees the map entries of gone ones at once instead of at the next interval.
 pub mod lifecycle {
@@ -311,8 +311,11 @@ pub mod lifecycle {
     pub const EXEC_PROGRAM: &str = "lifecycle_exec";
     /// Program on `sched_process_exit`.
     pub const EXIT_PROGRAM: &str = "lifecycle_exit";
+    /// Program on `task_newtask` (new processes, not threads).
+    pub const FORK_PROGRAM: &str = "lifecycle_fork";
     pub const EXEC_TRACEPOINT: &str = "sched_process_exec";
     pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
+    pub const FORK_TRACEPOINT: &str = "task_newtask";
     /// Ring buffer size (a power of two, a multiple of the page size): 4096 events.
     pub const RING_BYTES: u32 = 64 * 1024;
     pub const MAX_WATCHED_CGROUPS: u32 = 1024;
@@ -322,6 +325,9 @@ pub mod lifecycle {
     pub const EXEC: u32 = 1;
     /// [`crate::LifecycleEvent::kind`]: a traced process exited.
     pub const EXIT: u32 = 2;
+    /// [`crate::LifecycleEvent::kind`]: a process forked a child (without exec) in a
+    /// watched cgroup; `tgid` is the parent's.
+    pub const FORK: u32 = 3;
 }
 
 /// One lifecycle event.

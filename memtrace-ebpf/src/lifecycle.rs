@@ -1,5 +1,5 @@
-//! Process lifecycle events for the agent's discovery: an `exec` in a watched cgroup (or
-//! of a traced process) and the `exit` of a traced process, from BTF tracepoints (no
+//! Process lifecycle events for the agent's discovery: an `exec` or a `fork` in a watched
+//! cgroup (or by a traced process) and the `exit` of a traced process, from BTF tracepoints (no
 //! tracefs needed), sent through a ring buffer. Rare events only: nothing here runs per
 //! allocation.
 use aya_ebpf::{
@@ -77,6 +77,25 @@ pub fn lifecycle_exit(_ctx: BtfTracePointContext) -> u32 {
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tgid == pid && TRACED.get_ptr(&tgid).is_some() {
         send(lifecycle::EXIT, tgid);
+    }
+    0
+}
+
+/// `clone(2)` flag of a new thread (not a new process).
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// A new task; reported when it is a process (not a thread) whose parent, the current
+/// task, is traced or in a watched cgroup (the child starts in its parent's cgroup).
+#[btf_tracepoint(function = "task_newtask")]
+pub fn lifecycle_fork(ctx: BtfTracePointContext) -> u32 {
+    // task_newtask(struct task_struct *task, unsigned long clone_flags)
+    let clone_flags: u64 = ctx.arg(1);
+    if clone_flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TRACED.get_ptr(&tgid).is_some() || in_watched_cgroup() {
+        send(lifecycle::FORK, tgid);
     }
     0
 }

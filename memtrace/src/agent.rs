@@ -96,6 +96,10 @@ struct Failure {
 const QUICK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 const QUICK_RETRIES: u32 = 4;
 const QUICK_RETRY_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the probes of a libc file stay attached after its last traced process went
+/// (three intervals, within these bounds).
+const IDLE_GRACE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long discovery waits after an exec event, for the loader to map libc.
 const EXEC_SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -434,6 +438,10 @@ impl Agent {
                 }
             }
         }
+        // Probes of a libc file nobody uses any more go after a grace period: a process
+        // that comes back soon (an exec, a restart) reuses them.
+        self.tracer
+            .detach_idle((self.args.interval * 3).clamp(IDLE_GRACE_MIN, IDLE_GRACE_MAX));
         self.metrics
             .traced_processes
             .set(self.processes.len() as i64);

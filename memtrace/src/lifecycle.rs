@@ -1,10 +1,10 @@
-//! Prompt discovery: the BPF programs of `memtrace-ebpf/src/lifecycle.rs` report an exec in
-//! a watched cgroup (or by a traced process) and the exit of a traced process through a
-//! ring buffer; a thread here collects them and wakes the agent, whose discovery then
+//! Prompt discovery: the BPF programs of `memtrace-ebpf/src/lifecycle.rs` report an exec or
+//! a fork in a watched cgroup (or by a traced process) and the exit of a traced process
+//! through a ring buffer; a thread here collects them and wakes the agent, whose discovery then
 //! attaches to the new process, re-attaches one that exec'd (its old heap is gone), or
 //! frees the map entries of one that exited, without waiting for the next interval. The
-//! periodic /proc and cgroup rescan stays: it catches what events cannot (forks without
-//! exec, events lost to a full ring buffer).
+//! periodic /proc and cgroup rescan stays: it catches what events cannot (events lost to a
+//! full ring buffer, a `--pid` process's children are never wanted anyway).
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsRawFd,
@@ -71,6 +71,7 @@ impl Lifecycle {
         for (program, tracepoint) in [
             (lifecycle::EXEC_PROGRAM, lifecycle::EXEC_TRACEPOINT),
             (lifecycle::EXIT_PROGRAM, lifecycle::EXIT_TRACEPOINT),
+            (lifecycle::FORK_PROGRAM, lifecycle::FORK_TRACEPOINT),
         ] {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(program)
@@ -93,7 +94,7 @@ impl Lifecycle {
         let counted = IntCounterVec::new(
             Opts::new(
                 "memtrace_process_events_total",
-                "Process exec and exit events from the kernel that woke discovery.",
+                "Process exec, fork and exit events from the kernel that woke discovery.",
             ),
             &["kind"],
         )?;
@@ -187,6 +188,8 @@ fn read_events(
                             pending.exits.insert(event.tgid);
                         }
                     }
+                    // The child is found by the cgroup scan the wake-up starts.
+                    lifecycle::FORK => counted.with_label_values(&["fork"]).inc(),
                     _ => {}
                 }
             }

@@ -154,6 +154,12 @@ pub struct Tracer {
     /// The traced processes using each shared set of probes.
     shared_users: HashMap<FileId, HashSet<u32>>,
     pid_files: HashMap<u32, FileId>,
+    /// Shared sets whose last user went, and since when: detached by
+    /// [`Tracer::detach_idle`], so that a process that comes right after (an exec, a
+    /// restart) reuses them instead of re-attaching while the kernel still removes them
+    /// (new probes on a file whose old ones are being removed missed events for a second
+    /// or two here).
+    idle_since: HashMap<FileId, std::time::Instant>,
     /// The thread closing detached links, and its channel.
     detacher: Option<(
         std::sync::mpsc::Sender<UProbeLink>,
@@ -195,6 +201,7 @@ impl Tracer {
             links: HashMap::new(),
             shared_users: HashMap::new(),
             pid_files: HashMap::new(),
+            idle_since: HashMap::new(),
             detacher: None,
         })
     }
@@ -244,11 +251,12 @@ impl Tracer {
         }
         self.shared_users.entry(file).or_default().insert(pid);
         self.pid_files.insert(pid, file);
+        self.idle_since.remove(&file);
         Ok(())
     }
 
-    /// Stops tracing `pid`, attached by either way: its own probes are detached, and a
-    /// shared set when its last user goes.
+    /// Stops tracing `pid`, attached by either way: its own probes are detached; a shared
+    /// set whose last user goes is left for [`Tracer::detach_idle`].
     pub fn untrace(&mut self, pid: u32) {
         self.untrace_pid(pid);
         self.detach_owner(Owner::Process(pid));
@@ -256,9 +264,24 @@ impl Tracer {
             let users = self.shared_users.entry(file).or_default();
             users.remove(&pid);
             if users.is_empty() {
-                self.shared_users.remove(&file);
-                self.detach_owner(Owner::File(file));
+                self.idle_since.insert(file, std::time::Instant::now());
             }
+        }
+    }
+
+    /// Detaches the shared sets that have had no user for `grace` or longer.
+    pub fn detach_idle(&mut self, grace: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let idle: Vec<FileId> = self
+            .idle_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .map(|(file, _)| *file)
+            .collect();
+        for file in idle {
+            self.idle_since.remove(&file);
+            self.shared_users.remove(&file);
+            self.detach_owner(Owner::File(file));
         }
     }
 

@@ -1,7 +1,8 @@
 //! Following processes as they come and go. With a long interval, a process started in a
 //! watched cgroup is traced, and one that exits is let go, at once: the kernel's exec and
 //! exit events wake discovery (the periodic rescan is a minute away). A traced process
-//! that execs is detached and attached anew (its old heap is gone). Under churn
+//! that execs is detached and attached anew (its old heap is gone); the child a traced
+//! process forks (without exec) is traced at once too. Under churn
 //! (hundreds of short-lived processes a second in a pod's container), the agent keeps no
 //! map entries, file descriptors or memory for them, and does not crash.
 
@@ -54,6 +55,31 @@ fn pods_exec_and_exit_are_followed_at_once() {
         .value("memtrace_process_events_total", &[("kind", "exit")])
         .unwrap_or(0.0);
     assert!(exits >= 1.0, "no exit event counted\n{}", agent.stderr());
+}
+
+#[test]
+fn pods_fork_without_exec_is_followed_at_once() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("fork");
+    let cg = cgroups.create("app");
+    let pattern = format!("{}/app", cgroups.root_pattern());
+    // A minute between rescans: the child is found through the fork event.
+    let agent = Agent::start(&["--cgroup", &pattern, "--interval", "60s"]);
+    agent.wait_ready();
+    let parent = start_in(&cg, &fixture("churn"), &["fork"]);
+    agent.wait_traced(1, Duration::from_secs(10));
+    parent.signal(libc::SIGUSR1);
+    parent.wait_for_line(Stream::Stdout, "`child` line", WAIT_TIMEOUT, |l| {
+        l.starts_with("child")
+    });
+    agent.wait_traced(2, Duration::from_secs(10));
+    let forks = agent
+        .scrape()
+        .value("memtrace_process_events_total", &[("kind", "fork")])
+        .unwrap_or(0.0);
+    assert!(forks >= 1.0, "no fork event counted\n{}", agent.stderr());
 }
 
 #[test]
