@@ -209,6 +209,11 @@ fn pods_churn_leaves_nothing_behind() {
         execs + lost >= started,
         "{started} children exec'd, but {execs} exec events and {lost} lost ones were counted"
     );
+    assert_eq!(
+        after.value("memtrace_attached_probes", &[]),
+        before.value("memtrace_attached_probes", &[]),
+        "one libc file: one set of probes before and after"
+    );
     let fds_after = open_fds(agent_pid);
     assert!(
         fds_after <= fds_before + 8,
