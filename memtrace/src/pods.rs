@@ -40,6 +40,12 @@ impl PodDiscovery {
         let index = self.kube.index.read().unwrap_or_else(|e| e.into_inner());
         for (path, found) in containers(&hierarchy.mount) {
             let selected = match index.lookup(&found) {
+                // A cgroup of a known pod that none of its statuses names: the pod's sandbox
+                // (the static `pause` process), or a container the kubelet has not reported
+                // yet (the status update wakes discovery again).
+                Lookup::Known {
+                    container: None, ..
+                } => false,
                 Lookup::Known { pod, .. } => self.policy.traces(PodFacts {
                     namespace: &pod.namespace,
                     labels: &pod.labels,

@@ -51,8 +51,11 @@ fn pods_label_series_by_pod() {
 
     let web_cg = kubelet_cgroup(&mut cgroups, &web.uid, &container_id(1));
     let stray_cg = kubelet_cgroup(&mut cgroups, &elsewhere.uid, &container_id(9));
+    // web-1's sandbox: a container cgroup its statuses do not name; never traced.
+    let sandbox_cg = kubelet_cgroup(&mut cgroups, &web.uid, &container_id(100));
     let a = start_fixed(&web_cg);
     let stray = start_fixed(&stray_cg);
+    let sandbox = start_fixed(&sandbox_cg);
 
     // No --cgroup: node-wide discovery finds both containers.
     let agent = start_pod_agent(&api, &[], &[]);
@@ -83,7 +86,14 @@ fn pods_label_series_by_pod() {
         pod_value(s, "memtrace_outstanding_bytes", "", "", &container_id(9))
             .filter(|v| *v >= (LEAKS * SIZE) as f64)
     });
-    assert_eq!(series_of_pod(&agent.scrape(), "db-1"), 0);
+    let scrape = agent.scrape();
+    assert_eq!(series_of_pod(&scrape, "db-1"), 0);
+    assert_eq!(
+        scrape.value("memtrace_traced_processes", &[]),
+        Some(2.0),
+        "web-1's app and the stray container, not web-1's sandbox\n{}",
+        agent.stderr()
+    );
 
     // A container started after the agent, before the API reports its pod.
     let late = FakePod::new(
@@ -167,7 +177,7 @@ fn pods_label_series_by_pod() {
         scrape.memtrace_lines()
     );
     drop(agent);
-    drop((a, b, stray));
+    drop((a, b, stray, sandbox));
 }
 
 #[test]
