@@ -18,7 +18,8 @@ pub mod maps {
     /// Running totals per (cgroup, process, stack): [`crate::UsageKey`] → [`crate::Usage`].
     pub const USAGE: &str = "USAGE";
     /// Exact totals per (cgroup, process): [`crate::ProcessKey`] → [`crate::ProcessTotals`],
-    /// per CPU (sum them).
+    /// per CPU (sum them). In exact mode (`SAMPLE_BYTES` 1) it holds only the blocks that are
+    /// in no `USAGE` entry (zero-size, or `USAGE` full): add the process's `USAGE` entries.
     pub const PROCESS_TOTALS: &str = "PROCESS_TOTALS";
     /// User stacks walked by memtrace itself: stack id → [`crate::StackFrames`].
     pub const STACKS: &str = "STACKS";
@@ -28,6 +29,24 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to count when `FILTER_PROCESSES` is set: tgid → 1.
     pub const TRACED: &str = "TRACED";
+    /// Per-CPU `i64`: `ALLOCS` entries marked [`crate::FREED`] minus those reused (sum
+    /// over CPUs: how many there are, less what userspace swept).
+    pub const FREED_ENTRIES: &str = "FREED_ENTRIES";
+    /// One `u64`: the sweep epoch userspace advances; a freed entry records it.
+    pub const SWEEP_EPOCH: &str = "SWEEP_EPOCH";
+    /// Always-on tier: containers whose page faults are counted, cgroup id → 1.
+    pub const WATCHED_CGROUPS: &str = "WATCHED_CGROUPS";
+    /// Always-on tier: processes whose page faults are counted, tgid → 1.
+    pub const WATCHED_PROCESSES: &str = "WATCHED_PROCESSES";
+    /// Always-on tier: pages populated per (cgroup, process, stack):
+    /// [`crate::UsageKey`] → [`crate::FaultGrowth`].
+    pub const FAULTS: &str = "FAULTS";
+}
+
+/// Names of the BPF programs userspace attaches by name (besides the allocator probes).
+pub mod programs {
+    /// The always-on tier's BTF tracepoint program.
+    pub const PAGE_FAULT_USER: &str = "page_fault_user";
 }
 
 /// Names of the read-only globals userspace sets before loading.
@@ -38,6 +57,8 @@ pub mod globals {
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
     /// `u64`: 1 = count only processes in `TRACED` (probes shared node-wide).
     pub const FILTER_PROCESSES: &str = "FILTER_PROCESSES";
+    /// `u64`: the always-on tier walks every FAULT_SAMPLE-th populating page fault per CPU.
+    pub const FAULT_SAMPLE: &str = "FAULT_SAMPLE";
 }
 
 /// Default capacities; userspace resizes every map at load time from its flags.
@@ -49,6 +70,8 @@ pub mod capacity {
     pub const PROCESS_TOTALS: u32 = 16_384;
     pub const STACKS: u32 = 16_384;
     pub const TRACED: u32 = 16_384;
+    pub const WATCHED_CGROUPS: u32 = 4_096;
+    pub const FAULTS: u32 = 65_536;
 }
 
 /// How far back (in pages) `munmap` looks for the start of a mapping it cuts into.
@@ -60,6 +83,13 @@ pub const MUNMAP_MAX_REGIONS: u32 = 8;
 /// A call entering within this long after an allocator call on the same thread, deeper
 /// on its stack, is nested in it. No allocator call lasts a second.
 pub const NESTED_MAX_NS: u64 = 1_000_000_000;
+
+/// `size` of an `ALLOCS` entry whose block was freed. A free marks its entry instead of
+/// deleting it, and the next block at the same address (malloc hands freed addresses out
+/// again first) overwrites it in place: two hash-map updates per pair fewer. Its
+/// `timestamp_ns` then holds the sweep epoch of the free; userspace deletes entries left
+/// freed for a whole epoch.
+pub const FREED: u64 = u64::MAX;
 
 /// `stack_id` of an allocation whose stack was not walked (sampled out or walk failed).
 pub const NO_STACK: u64 = 0;
@@ -93,10 +123,12 @@ pub enum Counter {
     UnmatchedFree = 7,
     /// A user-memory read failed (posix_memalign's out-pointer, the return address).
     ReadFailed = 8,
+    /// `FAULTS` was full: a page fault of the always-on tier went unattributed.
+    FaultsFull = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::AllocsFull,
@@ -108,6 +140,7 @@ impl Counter {
         Counter::ProcessTotalsFull,
         Counter::UnmatchedFree,
         Counter::ReadFailed,
+        Counter::FaultsFull,
     ];
 
     /// The label userspace reports this counter under.
@@ -122,6 +155,7 @@ impl Counter {
             Counter::ProcessTotalsFull => "process_totals_map_full",
             Counter::UnmatchedFree => "unmatched_free",
             Counter::ReadFailed => "user_read_failed",
+            Counter::FaultsFull => "faults_map_full",
         }
     }
 
@@ -197,7 +231,7 @@ pub struct AllocInfo {
     pub weight_bytes: u64,
     /// Estimated allocations this block stands for, in 1/[`COUNT_SCALE`] units.
     pub weight_count: u64,
-    /// `bpf_ktime_get_ns` at allocation.
+    /// `bpf_ktime_get_ns` at the allocator call's entry.
     pub timestamp_ns: u64,
     pub usage: UsageKey,
 }
@@ -219,6 +253,15 @@ pub struct Usage {
     /// for a leak (old blocks stay) and stays flat for churn.
     pub live_blocks: u64,
     pub live_time_ms_sum: u64,
+}
+
+/// Memory growth of one (cgroup, process, stack) seen by the always-on tier: pages the
+/// stack populated by touching them (estimates when `FAULT_SAMPLE` > 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultGrowth {
+    pub bytes: u64,
+    pub faults: u64,
 }
 
 /// Exact totals are kept per cgroup and process.
@@ -257,7 +300,8 @@ pub struct ThreadState {
     /// enclosing call.
     pub sp: u64,
     pub entered_ns: u64,
-    /// The new block as seen at entry (size, weights, stack); `timestamp_ns` unset.
+    /// The new block as seen at entry (size, weights, stack); `timestamp_ns` is set from
+    /// `entered_ns` at return.
     pub pending: AllocInfo,
     /// posix_memalign: where the block pointer will be written.
     pub out_ptr: u64,
@@ -282,6 +326,7 @@ mod pod {
     unsafe impl aya::Pod for ProcessTotals {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for StackFrames {}
+    unsafe impl aya::Pod for FaultGrowth {}
 }
 
 // Layouts are part of the contract: catch accidental changes (and implicit padding).
@@ -304,7 +349,7 @@ pub mod lifecycle {
     /// Ring buffer of [`crate::LifecycleEvent`]s.
     pub const EVENTS: &str = "LIFECYCLE_EVENTS";
     /// cgroup id → 1: an exec in this cgroup or any cgroup below it is reported.
-    pub const WATCHED_CGROUPS: &str = "WATCHED_CGROUPS";
+    pub const CGROUPS: &str = "LIFECYCLE_CGROUPS";
     /// Per-CPU count of events lost because the ring buffer was full (slot 0).
     pub const DROPS: &str = "LIFECYCLE_DROPS";
     /// Program on `sched_process_exec`.
@@ -319,7 +364,7 @@ pub mod lifecycle {
     /// Ring buffer size (a power of two, a multiple of the page size): 4096 events.
     pub const RING_BYTES: u32 = 64 * 1024;
     pub const MAX_WATCHED_CGROUPS: u32 = 1024;
-    /// cgroup levels checked against `WATCHED_CGROUPS` (the root is level 0).
+    /// cgroup levels checked against `LIFECYCLE_CGROUPS` (the root is level 0).
     pub const MAX_CGROUP_LEVEL: i32 = 16;
     /// [`crate::LifecycleEvent::kind`]: a process called exec.
     pub const EXEC: u32 = 1;

@@ -18,7 +18,7 @@ use crate::TRACED;
 #[map]
 static LIFECYCLE_EVENTS: RingBuf = RingBuf::with_byte_size(lifecycle::RING_BYTES, 0);
 #[map]
-static WATCHED_CGROUPS: HashMap<u64, u32> =
+static LIFECYCLE_CGROUPS: HashMap<u64, u32> =
     HashMap::with_max_entries(lifecycle::MAX_WATCHED_CGROUPS, 0);
 #[map]
 static LIFECYCLE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -33,7 +33,7 @@ fn in_watched_cgroup() -> bool {
             // Past the task's own level.
             return false;
         }
-        if WATCHED_CGROUPS.get_ptr(&id).is_some() {
+        if LIFECYCLE_CGROUPS.get_ptr(&id).is_some() {
             return true;
         }
     }

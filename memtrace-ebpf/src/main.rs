@@ -27,13 +27,13 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, MAX_STACK_DEPTH, MUNMAP_MAX_PAGES_BACK,
-    MUNMAP_MAX_REGIONS, NESTED_MAX_NS, NO_STACK, ProcessKey, ProcessTotals, StackFrames,
-    ThreadState, Usage, UsageKey, capacity,
+    AllocInfo, AllocKey, AllocKind, COUNT_SCALE, Counter, FREED, MAX_STACK_DEPTH,
+    MUNMAP_MAX_PAGES_BACK, MUNMAP_MAX_REGIONS, NESTED_MAX_NS, NO_STACK, ProcessKey, ProcessTotals,
+    StackFrames, ThreadState, Usage, UsageKey, capacity,
 };
 
 /// Each byte is sampled with probability 1/SAMPLE_BYTES (1 = exact); set at load time.
@@ -66,9 +66,18 @@ static USAGE: HashMap<UsageKey, Usage> =
 static PROCESS_TOTALS: PerCpuHashMap<ProcessKey, ProcessTotals> =
     PerCpuHashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
 #[map]
+static FREED_ENTRIES: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SWEEP_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+#[map]
 static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(capacity::STACKS, 0);
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU, stack ids known to be in `STACKS` (slot `id % STACKS_SEEN_SLOTS`): a hit skips
+/// the hash lookup. Safe because nothing ever removes a stack from `STACKS`.
+#[map]
+static STACKS_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(STACKS_SEEN_SLOTS, 0);
+const STACKS_SEEN_SLOTS: u32 = 256;
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
@@ -90,6 +99,14 @@ fn page_size() -> u64 {
     let page = unsafe { core::ptr::read_volatile(&PAGE_SIZE) };
     // Never zero: a division by zero would be a panic, which the verifier rejects.
     if page == 0 { 4096 } else { page }
+}
+
+/// CLOCK_MONOTONIC in ns, read once per allocator call (~50 ns here). The coarse clock
+/// would be cheaper, but the kernel does not offer it to tracing programs (not NMI-safe).
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Whether the calling process is one memtrace traces.
@@ -130,7 +147,11 @@ macro_rules! get_or_init {
             Some(value) => Some(value),
             None => {
                 // EEXIST means another CPU inserted it first: the lookup below finds it.
-                let _ = $map.insert($key, &Default::default(), BPF_NOEXIST as u64);
+                let _ = $map.insert(
+                    $key,
+                    &Default::default(),
+                    aya_ebpf::bindings::BPF_NOEXIST as u64,
+                );
                 let value = $map.get_ptr_mut($key);
                 if value.is_none() {
                     count($full);
@@ -185,32 +206,40 @@ fn sample(size: u64) -> (u64, u64) {
     }
 }
 
-/// Walks the user stack by frame pointers and stores it in `STACKS`; returns its id.
+/// Walks the user stack at an allocator's probe (see [`walk_stack_from`]) and returns its id.
 ///
 /// At the probe no push has run yet (userspace places probes so), so `[sp]` is the return
-/// address into the allocator's caller and `fp` is still the caller's frame pointer: the
-/// caller comes first, then each `[fp + 8]` up the chain. (The kernel's own walker,
-/// `bpf_get_stackid`, starts from the caller's saved frame and so misses the caller, and
-/// costs ~0.85 µs per call here even for one frame.) Code built without frame pointers
-/// ends the chain early, as it does for the kernel's walker.
+/// address into the allocator's caller and `fp` is still the caller's frame pointer.
 #[inline(always)]
 fn walk_stack(sp: u64, fp: u64) -> u64 {
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return NO_STACK;
-    };
-    // SAFETY: this CPU's scratch slot; programs do not preempt each other on one CPU.
-    let frames = unsafe { &mut *scratch };
     // SAFETY: reading user memory through the helper, which checks the address.
     let Ok(caller) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
         count(Counter::ReadFailed);
         return NO_STACK;
     };
+    walk_stack_from(caller, fp)
+}
+
+/// Walks the user stack by frame pointers and stores it in `STACKS`; returns its id.
+///
+/// `first` is the innermost frame (the allocator's caller, or the instruction that faulted),
+/// then each `[fp + 8]` up the chain. (The kernel's own walker,
+/// `bpf_get_stackid`, starts from the caller's saved frame and so misses the caller, and
+/// costs ~0.85 µs per call here even for one frame.) Code built without frame pointers
+/// ends the chain early, as it does for the kernel's walker.
+#[inline(always)]
+fn walk_stack_from(caller: u64, fp: u64) -> u64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not preempt each other on one CPU.
+    let frames = unsafe { &mut *scratch };
     let mut hash = mix(0x9e37_79b9_7f4a_7c15, caller);
     frames.ips[0] = caller;
     let mut len = 1;
     let mut fp = fp;
     for i in 1..MAX_STACK_DEPTH {
-        if fp == 0 || fp % 8 != 0 {
+        if fp == 0 || !fp.is_multiple_of(8) {
             break;
         }
         // SAFETY: as above; a bad frame pointer just fails the read.
@@ -233,12 +262,23 @@ fn walk_stack(sp: u64, fp: u64) -> u64 {
     }
     frames.len = len as u32;
     let id = if hash == NO_STACK { 1 } else { hash };
+    let seen = STACKS_SEEN.get_ptr_mut((id % STACKS_SEEN_SLOTS as u64) as u32);
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    if let Some(seen) = seen
+        && unsafe { *seen } == id
+    {
+        return id;
+    }
     if STACKS.get_ptr(&id).is_none()
         && STACKS.insert(&id, frames, BPF_NOEXIST as u64).is_err()
         && STACKS.get_ptr(&id).is_none()
     {
         count(Counter::StackWalkFailed); // STACKS is full
         return NO_STACK;
+    }
+    if let Some(seen) = seen {
+        // SAFETY: as above.
+        unsafe { *seen = id };
     }
     id
 }
@@ -274,8 +314,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
     }
     // SAFETY: reading the saved registers of the probed task.
     let sp = unsafe { (*ctx.regs).rsp };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let slot = THREADS.get_ptr_mut(id);
     if let Some(slot) = slot {
         // SAFETY: only this thread touches its slot.
@@ -321,7 +360,19 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: u64) -> Option<Entry> {
 fn save(entry: &Entry) {
     match entry.slot {
         // SAFETY: only this thread touches its slot.
-        Some(slot) => unsafe { *slot = entry.state },
+        Some(slot) => unsafe {
+            let state = &entry.state;
+            if state.kind == AllocKind::Plain as u32 || state.kind == AllocKind::Mmap as u32 {
+                // Most calls: the return reads no more than this, so write no more.
+                (*slot).depth = state.depth;
+                (*slot).kind = state.kind;
+                (*slot).sp = state.sp;
+                (*slot).entered_ns = state.entered_ns;
+                (*slot).pending = state.pending;
+            } else {
+                *slot = *state;
+            }
+        },
         None => {
             if THREADS
                 .insert(bpf_get_current_pid_tgid(), &entry.state, BPF_ANY as u64)
@@ -340,21 +391,46 @@ fn enter_plain(ctx: &ProbeContext, kind: AllocKind, size: u64) {
     }
 }
 
-/// Adds a new live block to the totals.
+/// Whether `info`'s exact size is carried by its stack's `USAGE` entry, so that the
+/// process totals are the sum of its stacks and `PROCESS_TOTALS` is not touched: exact
+/// mode, and the block is in a stack (see [`usage_of`]). Saves a map update per call.
 #[inline(always)]
-fn account_alloc(info: &AllocInfo) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+fn totals_in_usage(info: &AllocInfo) -> bool {
+    info.weight_bytes != 0 && sample_bytes() <= 1
+}
+
+/// The `USAGE` entry a new block is to be added to, or `None` when it is not sampled or
+/// `USAGE` is full; then its weights are zeroed, so that its free does not look for it.
+#[inline(always)]
+fn usage_of(info: &mut AllocInfo) -> Option<&'static mut Usage> {
+    let usage = if info.weight_bytes == 0 {
+        None
+    } else {
+        get_or_init!(USAGE, &info.usage, Counter::UsageFull)
+    };
+    match usage {
+        // SAFETY: a valid map value pointer, only changed with atomic adds.
+        Some(usage) => Some(unsafe { &mut *usage }),
+        None => {
+            info.weight_bytes = 0;
+            info.weight_count = 0;
+            None
+        }
+    }
+}
+
+/// Adds a new live block to the totals; `usage` is its entry from [`usage_of`].
+#[inline(always)]
+fn account_alloc(info: &AllocInfo, usage: Option<&mut Usage>) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.allocated_bytes, info.size);
         add_local(&mut totals.allocations, 1);
         add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
         add_local_signed(&mut totals.outstanding_count, 1);
     }
-    if info.weight_bytes == 0 {
-        return;
-    }
-    if let Some(usage) = get_or_init!(USAGE, &info.usage, Counter::UsageFull) {
-        // SAFETY: as above.
-        let usage = unsafe { &mut *usage };
+    if let Some(usage) = usage {
         add(&mut usage.allocated_bytes, info.weight_bytes);
         add(&mut usage.allocated_count, info.weight_count);
         add_signed(&mut usage.outstanding_bytes, info.weight_bytes as i64);
@@ -367,7 +443,9 @@ fn account_alloc(info: &AllocInfo) {
 /// remain of it: 0 for a free, 1 or 2 when munmap cuts a mapping's edge or middle.
 #[inline(always)]
 fn account_free(info: &AllocInfo, bytes: u64, pieces_left: i64) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.freed_bytes, bytes);
         add_local_signed(&mut totals.outstanding_bytes, -(bytes as i64));
         add_local_signed(&mut totals.outstanding_count, pieces_left - 1);
@@ -418,38 +496,75 @@ fn unmatched_free(tgid: u32) {
 /// Records a new live block at `addr`.
 #[inline(always)]
 fn record(map: &HashMap<AllocKey, AllocInfo>, addr: u64, info: &AllocInfo, full: Counter) {
+    let mut info = *info;
+    let usage = usage_of(&mut info);
+    let info = &info;
     let key = AllocKey {
         tgid: info.usage.tgid,
         _pad: 0,
         addr,
     };
-    if map.insert(&key, info, BPF_NOEXIST as u64).is_err() {
-        // A block already live at this address means its free was missed (a full map
-        // earlier, an untraced path): retire it so the totals stay consistent.
-        let Some(stale) = map.get_ptr_mut(&key) else {
-            count(full);
-            return;
-        };
-        // SAFETY: a valid map value pointer; copied out before it is overwritten.
-        let old = unsafe { *stale };
-        account_free(&old, old.size, 0);
-        unsafe { *stale = *info };
+    // Most blocks land where one was freed before: its entry is reused in place.
+    if !(overwrite(map, &key, info)
+        || map.insert(&key, info, BPF_NOEXIST as u64).is_ok()
+        || overwrite(map, &key, info))
+    {
+        count(full);
+        return;
     }
-    account_alloc(info);
+    account_alloc(info, usage);
 }
 
-/// Removes the live block at `addr` and returns it.
+/// Puts `info` in `key`'s existing entry, if there is one: a freed entry, or a block
+/// whose free was missed (a full map earlier, an untraced path), retired first so the
+/// totals stay consistent.
 #[inline(always)]
-fn take(map: &HashMap<AllocKey, AllocInfo>, tgid: u32, addr: u64) -> Option<AllocInfo> {
+fn overwrite(map: &HashMap<AllocKey, AllocInfo>, key: &AllocKey, info: &AllocInfo) -> bool {
+    let Some(slot) = map.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; copied out before it is overwritten. Only the
+    // thread that got this address from the allocator writes its entry now.
+    let old = unsafe { *slot };
+    if old.size == FREED {
+        count_freed_entries(-1);
+    } else {
+        account_free(&old, old.size, 0);
+    }
+    unsafe { *slot = *info };
+    true
+}
+
+#[inline(always)]
+fn count_freed_entries(delta: i64) {
+    if let Some(slot) = FREED_ENTRIES.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.
+        unsafe { *slot += delta };
+    }
+}
+
+/// Takes the live block at `addr` out of `ALLOCS` (marking its entry [`FREED`] for the
+/// next block at that address) and returns it.
+#[inline(always)]
+fn take(tgid: u32, addr: u64) -> Option<AllocInfo> {
     let key = AllocKey {
         tgid,
         _pad: 0,
         addr,
     };
-    // SAFETY: copied out before the remove; if another thread removed it first, the
-    // remove fails and that thread accounts for it.
-    let info = unsafe { *map.get_ptr(&key)? };
-    map.remove(&key).ok()?;
+    let slot = ALLOCS.get_ptr_mut(&key)?;
+    // SAFETY: a valid map value pointer, copied out before it is marked. The block is
+    // being freed by this thread: nobody else writes its entry now.
+    let info = unsafe { *slot };
+    if info.size == FREED {
+        return None;
+    }
+    let epoch = SWEEP_EPOCH.get(0).copied().unwrap_or(0);
+    unsafe {
+        (*slot).size = FREED;
+        (*slot).timestamp_ns = epoch;
+    }
+    count_freed_entries(1);
     Some(info)
 }
 
@@ -463,7 +578,7 @@ fn inside_allocator(id: u64, sp: u64) -> bool {
     let state = unsafe { &*state };
     // The clock is read only when a call is in flight (rarely, for a free).
     // SAFETY: helper without preconditions.
-    state.depth > 0 && is_nested(state, sp, unsafe { bpf_ktime_get_ns() })
+    state.depth > 0 && is_nested(state, sp, now_ns())
 }
 
 /// `a * b` unless it overflows. `checked_mul` (and LLVM's rewrite of a division check)
@@ -567,7 +682,7 @@ fn enter_realloc(ctx: &ProbeContext, ptr: u64, size: Option<u64>) {
     let state = &mut entry.state;
     if ptr != 0 {
         let tgid = state.pending.usage.tgid;
-        match take(&ALLOCS, tgid, ptr) {
+        match take(tgid, ptr) {
             Some(old) => {
                 account_free(&old, old.size, 0);
                 state.old_addr = ptr;
@@ -613,12 +728,13 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
             return 0;
         }
     }
-    let state = *state;
+    // Read in place: the slot stays this thread's until its next call.
+    let state = &*state;
     let ret: u64 = ctx.ret();
 
+    // The block's time is its call's entry: one clock read per call.
     let mut info = state.pending;
-    // SAFETY: helper without preconditions.
-    info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    info.timestamp_ns = state.entered_ns;
     match state.kind {
         k if k == AllocKind::PosixMemalign as u32 => {
             if ret != 0 {
@@ -648,7 +764,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
                     _pad: 0,
                     addr: state.old_addr,
                 };
-                if ALLOCS.insert(&key, &old, BPF_ANY as u64).is_err() {
+                if !(overwrite_freed(&key, &old)
+                    || ALLOCS.insert(&key, &old, BPF_ANY as u64).is_ok())
+                {
                     count(Counter::AllocsFull);
                 }
             }
@@ -662,10 +780,28 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Puts `info` back into `key`'s entry if it is still marked freed (a realloc that failed
+/// restores its old block).
+#[inline(always)]
+fn overwrite_freed(key: &AllocKey, info: &AllocInfo) -> bool {
+    let Some(slot) = ALLOCS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; this thread owns the block at this address.
+    if unsafe { (*slot).size } != FREED {
+        return false;
+    }
+    count_freed_entries(-1);
+    unsafe { *slot = *info };
+    true
+}
+
 /// Undoes `account_free` of a whole block (a realloc that failed).
 #[inline(always)]
 fn unfree(info: &AllocInfo) {
-    if let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid) {
+    if !totals_in_usage(info)
+        && let Some(totals) = process_totals(info.usage.cgroup_id, info.usage.tgid)
+    {
         add_local(&mut totals.freed_bytes, info.size.wrapping_neg());
         add_local_signed(&mut totals.outstanding_bytes, info.size as i64);
         add_local_signed(&mut totals.outstanding_count, 1);
@@ -691,12 +827,16 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     let ptr: u64 = ctx.arg(0).unwrap_or(0);
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    if ptr == 0 || !is_traced(tgid) || inside_allocator(id, unsafe { (*ctx.regs).rsp }) {
+    if ptr == 0 || !is_traced(tgid) {
         return 0;
     }
-    match take(&ALLOCS, tgid, ptr) {
+    // Look the block up first: a live block is freed whatever the thread is inside (no
+    // allocator frees a caller's block through `free` but realloc(p, 0), which took it out
+    // already), so only a miss needs the per-thread check.
+    match take(tgid, ptr) {
         Some(info) => account_free(&info, info.size, 0),
-        None => unmatched_free(tgid),
+        None if !inside_allocator(id, unsafe { (*ctx.regs).rsp }) => unmatched_free(tgid),
+        None => {}
     }
     0
 }
@@ -830,6 +970,8 @@ pub fn noop_enter(_ctx: ProbeContext) -> u32 {
 pub fn noop_exit(_ctx: RetProbeContext) -> u32 {
     0
 }
+
+mod growth;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -14,9 +14,12 @@ use serde::Serialize;
 use memtrace_common::UsageKey;
 
 use crate::{
+    budget::{self, Budget, Verdict},
+    calibrate::{self, TrapCost},
     cgroup::{self, Hierarchy, Patterns},
-    cli::AgentArgs,
+    cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
+    escalate::{Change, Escalation},
     k8s,
     lifecycle::Lifecycle,
     metrics::{ContainerLabels, Metrics},
@@ -27,6 +30,7 @@ use crate::{
     report::{self, Frame, Resolver},
     symbolize::Symbolizer,
     tracer::{Snapshot, Tracer, TracerOptions},
+    watch::{GrowthSite, Watch},
 };
 
 /// A suspect as `/api/v1/suspects` shows it.
@@ -56,6 +60,10 @@ pub struct View {
     pub suspects: Vec<Suspect>,
     /// Outstanding memory per container (by container label), for pprof and flame graphs.
     pub profiles: BTreeMap<String, Vec<ProfileSample>>,
+    /// The always-on tier's top growth sites per container.
+    pub growth: Vec<GrowthSite>,
+    /// Pages populated per stack and container (by label), for pprof and flame graphs.
+    pub growth_profiles: BTreeMap<String, Vec<ProfileSample>>,
 }
 
 pub type SharedView = Arc<RwLock<View>>;
@@ -159,6 +167,19 @@ pub struct Agent {
     last_lifecycle_drops: u64,
     wake_tx: mpsc::Sender<Wake>,
     wake_rx: mpsc::Receiver<Wake>,
+    /// The probes' calibrated cost, while it is being measured.
+    calibration: Option<mpsc::Receiver<Result<calibrate::Calibration>>>,
+    /// The CPU budget, once calibrated (never with `--max-overhead 0`).
+    budget: Option<Budget>,
+    /// Processes detached for their budget, and when they may be traced again.
+    over_budget: HashMap<u32, Instant>,
+    /// The always-on tier (`None` when the kernel cannot run it).
+    watch: Option<Watch>,
+    escalation: Escalation,
+    /// Whether probes follow escalation (`--probes escalate` and the always-on tier runs).
+    escalating: bool,
+    /// Containers watched but not escalated: their stacks keep what was learned.
+    frozen: HashSet<u64>,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -172,6 +193,7 @@ impl Agent {
             max_stacks: args.max_stack_traces,
             // Probes are shared by the traced processes of each libc file.
             filter_processes: true,
+            fault_sample: args.fault_sample,
         })?;
         let patterns = Patterns::new(&args.cgroup)?;
         let hierarchy = match Hierarchy::find() {
@@ -195,12 +217,53 @@ impl Agent {
                 None
             }
         };
+        // Calibrated in the background (attaching and detaching takes seconds); the
+        // budget judges nobody until the figures are in.
+        let calibration = (args.max_overhead > 0.0).then(|| {
+            let (send, receive) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("memtrace-calibrate".into())
+                .spawn(move || {
+                    let _ = send.send(calibrate::measure());
+                })
+                .map(|_| receive)
+        });
+        let calibration = match calibration {
+            Some(Ok(receive)) => Some(receive),
+            Some(Err(e)) => {
+                log::warn!(
+                    "cannot start calibrating ({e}); the CPU budget assumes the fallback cost"
+                );
+                let (send, receive) = mpsc::channel();
+                let _ = send.send(Err(anyhow::anyhow!("not calibrated")));
+                Some(receive)
+            }
+            None => None,
+        };
         let detector = DetectorConfig {
             window: args.window,
             max_points: args.max_points,
             threshold: args.threshold,
         };
+        let watch = match (tracer.enable_growth(), &hierarchy) {
+            (Ok(()), Some(_)) => Some(Watch::new(detector.clone())),
+            (Ok(()), None) => {
+                log::warn!("the always-on tier needs a cgroup v2 hierarchy: it is off");
+                None
+            }
+            (Err(e), _) => {
+                log::warn!("the always-on tier is off: {e:#}");
+                None
+            }
+        };
+        let escalating = args.probes == ProbeMode::Escalate && watch.is_some();
+        if args.probes == ProbeMode::Escalate && !escalating {
+            log::warn!(
+                "--probes escalate needs the always-on tier: probes go on every traced process"
+            );
+        }
         Ok(Self {
+            escalation: Escalation::new(args.escalate_for),
             args,
             detector,
             tracer,
@@ -221,6 +284,12 @@ impl Agent {
             last_lifecycle_drops: 0,
             wake_tx,
             wake_rx,
+            calibration,
+            budget: None,
+            over_budget: HashMap::new(),
+            watch,
+            escalating,
+            frozen: HashSet::new(),
         })
     }
 
@@ -293,15 +362,35 @@ impl Agent {
             let retry_due = retry.is_some_and(|at| now >= at);
             if (pending || retry_due) && now >= quiet_until {
                 pending = false;
-                self.discover();
+                self.discover_between_ticks();
                 quiet_until = Instant::now() + MIN_DISCOVERY_GAP;
             }
         }
     }
 
+    /// Discovery woken by an event: like a tick's, but the always-on tier is not run (it
+    /// samples once per interval), so escalation stays as the last tick left it.
+    fn discover_between_ticks(&mut self) {
+        let (mut wanted, watched) = self.wanted();
+        if self.escalating
+            && let Some(hierarchy) = &self.hierarchy
+        {
+            let mut ids: HashMap<String, Option<u64>> = HashMap::new();
+            wanted.retain(|_, path| {
+                let id = *ids
+                    .entry(path.clone())
+                    .or_insert_with(|| hierarchy.id(path).ok());
+                id.is_some_and(|id| self.escalation.is_escalated(id))
+            });
+        }
+        self.discover(wanted, &watched);
+    }
+
     /// One interval: discover, read, detect, publish.
     pub fn tick(&mut self) -> Result<()> {
-        self.discover();
+        let (wanted, watched) = self.wanted();
+        let wanted = self.observe_growth(wanted);
+        self.discover(wanted, &watched);
         if let Some(lifecycle) = &self.lifecycle {
             let drops = lifecycle.dropped();
             self.metrics
@@ -313,11 +402,16 @@ impl Agent {
         if let Ok((traced, totals)) = self.tracer.process_entries() {
             let entries = &self.metrics.map_entries;
             entries.with_label_values(&["traced"]).set(traced as i64);
-            entries
-                .with_label_values(&["process_totals"])
-                .set(totals as i64);
+            entries.with_label_values(&["usage_all"]).set(totals as i64);
         }
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
+        match self.tracer.sweep_freed(false) {
+            Ok(sweep) if sweep.deleted > 0 => {
+                log::debug!("swept {} freed live-block entries", sweep.deleted)
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("sweeping freed live-block entries: {e:#}"),
+        }
         let snapshot = self.tracer.snapshot(&tgids)?;
         for traced in self.processes.values_mut() {
             traced
@@ -326,6 +420,7 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
+        self.enforce_budget(&snapshot, &labels);
         self.update_series(sums, &labels);
         self.publish(&snapshot, &labels);
         Ok(())
@@ -360,13 +455,105 @@ impl Agent {
         (wanted, watched)
     }
 
-    fn discover(&mut self) {
+    /// Runs the always-on tier over every wanted process and moves escalation along;
+    /// returns the processes that should have allocator probes now.
+    fn observe_growth(&mut self, wanted: BTreeMap<u32, String>) -> BTreeMap<u32, String> {
+        let (Some(watch), Some(hierarchy)) = (&mut self.watch, &self.hierarchy) else {
+            return wanted;
+        };
+        let mut ids: HashMap<String, u64> = HashMap::new();
+        let mut watched = BTreeMap::new();
+        for (pid, path) in &wanted {
+            let id = match ids.get(path) {
+                Some(id) => *id,
+                None => match hierarchy.id(path) {
+                    Ok(id) => *ids.entry(path.clone()).or_insert(id),
+                    Err(_) => continue, // The cgroup went away meanwhile.
+                },
+            };
+            let labels = ContainerLabels {
+                container: path.clone(),
+                ..Default::default()
+            };
+            watched.insert(*pid, (id, labels));
+        }
+        let observed = watch.observe(
+            &watched,
+            &mut self.tracer,
+            &mut self.symbolizer,
+            &self.metrics,
+        );
+        {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            view.growth = observed.sites;
+            view.growth_profiles = observed.profiles;
+        }
+        if !self.escalating {
+            return wanted;
+        }
+        let now = Instant::now();
+        let containers = watch.container_ids();
+        for &id in &containers {
+            let Some(labels) = watch.labels(id).cloned() else {
+                continue;
+            };
+            match self.escalation.update(id, now, watch.growing(id)) {
+                Some(Change::Started) => {
+                    log::info!(
+                        "{}: memory grows; allocator probes on for {:?}",
+                        labels.container,
+                        self.args.escalate_for
+                    );
+                    self.metrics
+                        .escalations
+                        .with_label_values(&labels.values())
+                        .inc();
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(1);
+                }
+                Some(Change::Ended) => {
+                    log::info!(
+                        "{}: escalation window over; allocator probes off",
+                        labels.container
+                    );
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(0);
+                }
+                None => {
+                    self.metrics
+                        .escalated
+                        .with_label_values(&labels.values())
+                        .set(i64::from(self.escalation.is_escalated(id)));
+                }
+            }
+        }
+        self.frozen = containers
+            .iter()
+            .copied()
+            .filter(|id| !self.escalation.is_escalated(*id))
+            .collect();
+        wanted
+            .into_iter()
+            .filter(|(pid, _)| {
+                watched
+                    .get(pid)
+                    .is_some_and(|(id, _)| self.escalation.is_escalated(*id))
+            })
+            .collect()
+    }
+
+    /// Attaches to the wanted processes that are not traced yet, lets go of gone ones, and
+    /// watches `watched` cgroups (and below) for execs and forks.
+    fn discover(&mut self, wanted: BTreeMap<u32, String>, watched: &[String]) {
         let events = self
             .lifecycle
             .as_ref()
             .map(Lifecycle::take)
             .unwrap_or_default();
-        let (wanted, watched) = self.wanted();
         if let (Some(lifecycle), Some(hierarchy)) = (&mut self.lifecycle, &self.hierarchy) {
             let ids = watched
                 .iter()
@@ -388,10 +575,16 @@ impl Agent {
                 !wanted.contains_key(pid) || exec_since_attach || !process::exists(*pid)
             })
             .collect();
+        let now = Instant::now();
+        self.over_budget
+            .retain(|pid, until| now < *until && wanted.contains_key(pid));
         for &pid in &gone {
+            if let Some(budget) = &mut self.budget {
+                budget.forget(pid);
+            }
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
-            log::info!("pid {pid} is gone: detached");
+            log::info!("pid {pid}: detached");
         }
         if !gone.is_empty() {
             if let Err(e) = self.tracer.forget_all(&gone) {
@@ -400,9 +593,9 @@ impl Agent {
             self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
-        let now = Instant::now();
         for (pid, path) in wanted {
             if self.processes.contains_key(&pid)
+                || self.over_budget.contains_key(&pid)
                 || self.failures.get(&pid).is_some_and(|f| now < f.retry_at)
             {
                 continue;
@@ -475,6 +668,100 @@ impl Agent {
             labels,
             attached_ns,
         })
+    }
+
+    /// Judges every traced process against the CPU budget; detaches those over it.
+    fn enforce_budget(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
+        if let Some(receive) = &self.calibration
+            && let Ok(measured) = receive.try_recv()
+        {
+            self.calibration = None;
+            let cost = measured.map(|c| c.cost).unwrap_or_else(|e| {
+                log::warn!(
+                    "calibrating the probes' cost failed ({e:#}); the CPU budget assumes {:?}",
+                    TrapCost::FALLBACK
+                );
+                TrapCost::FALLBACK
+            });
+            log::info!(
+                "probe cost per call: malloc {:.2} µs, free {:.2} µs; budget {}% of a process's CPU",
+                cost.alloc_ns / 1000.0,
+                cost.free_ns / 1000.0,
+                self.args.max_overhead
+            );
+            for (call, ns) in [("alloc", cost.alloc_ns), ("free", cost.free_ns)] {
+                self.metrics
+                    .probe_cost_seconds
+                    .with_label_values(&[call])
+                    .set(ns / 1e9);
+            }
+            self.budget = Some(Budget::new(self.args.max_overhead, cost));
+        }
+        let Some(budget) = &mut self.budget else {
+            return;
+        };
+        let mut by_process: HashMap<u32, (u64, i64)> = HashMap::new();
+        for (key, totals) in &snapshot.totals {
+            let entry = by_process.entry(key.tgid).or_default();
+            entry.0 += totals.allocations;
+            entry.1 += totals.outstanding_count;
+        }
+        let mut worst: HashMap<u64, f64> = HashMap::new();
+        let mut over = Vec::new();
+        for (&pid, traced) in &self.processes {
+            let (allocations, outstanding) = by_process.get(&pid).copied().unwrap_or_default();
+            let Some(cpu_ns) = budget::cpu_ns(pid) else {
+                continue; // Gone: the next discovery lets it go.
+            };
+            let usage = budget::Usage {
+                allocations,
+                outstanding,
+                cpu_ns,
+            };
+            let ratio = match budget.judge(pid, usage) {
+                Verdict::Pending => continue,
+                Verdict::Within(ratio) => ratio,
+                Verdict::Over(ratio) => {
+                    over.push((pid, traced.cgroup_id, ratio));
+                    ratio
+                }
+            };
+            let worst = worst.entry(traced.cgroup_id).or_default();
+            *worst = worst.max(ratio);
+        }
+        for (cgroup_id, ratio) in worst {
+            self.metrics
+                .overhead_ratio
+                .with_label_values(&labels_of(labels, cgroup_id).values())
+                .set(ratio);
+        }
+        let retry_at = Instant::now() + self.args.budget_retry;
+        for (pid, cgroup_id, ratio) in over {
+            let labels = labels_of(labels, cgroup_id);
+            log::warn!(
+                "pid {pid} ({}): the probes cost ~{:.1}% of its CPU, over the budget of {}%: \
+                 detached for {:?}",
+                labels.container,
+                ratio * 100.0,
+                self.args.max_overhead,
+                self.args.budget_retry
+            );
+            self.metrics
+                .budget_detaches
+                .with_label_values(&labels.values())
+                .inc();
+            budget.forget(pid);
+            self.processes.remove(&pid);
+            self.tracer.untrace(pid);
+            if let Err(e) = self.tracer.forget(pid) {
+                log::warn!("freeing the map entries of pid {pid}: {e:#}");
+            }
+            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
+            self.over_budget.insert(pid, retry_at);
+            self.metrics
+                .traced_processes
+                .set(self.processes.len() as i64);
+        }
     }
 
     /// Labels per cgroup id, from the traced processes in each (read once per interval):
@@ -573,8 +860,10 @@ impl Agent {
         }
         // Stacks whose processes are gone: retire their series.
         for (cgroup_id, container) in &mut self.containers {
+            let frozen = self.frozen.contains(cgroup_id);
             container.stacks.retain(|stack_id, state| {
-                let keep = seen.contains(&(*cgroup_id, stack_id.clone()));
+                // A container between escalations keeps what its last window learned.
+                let keep = frozen || seen.contains(&(*cgroup_id, stack_id.clone()));
                 if !keep && state.published {
                     let values = container.labels.with_stack(stack_id, &state.site);
                     let _ = self.metrics.leak_suspicion.remove_label_values(&values);
@@ -806,6 +1095,13 @@ impl Agent {
             .map_entries
             .with_label_values(&["allocs"])
             .set(total.outstanding_allocations as i64);
+        // Entries kept for reuse after a free (see `sweep`): they use map capacity too.
+        if let Ok(freed) = self.tracer.freed_entries() {
+            self.metrics
+                .map_entries
+                .with_label_values(&["allocs_freed"])
+                .set(freed.max(0));
+        }
     }
 }
 

@@ -16,6 +16,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only move the bytes"
+)]
 pub enum Command {
     /// Trace one process and show the stacks holding its outstanding memory.
     #[command(after_help = TOP_EXAMPLES)]
@@ -23,6 +27,8 @@ pub enum Command {
     /// Run the node agent: trace chosen processes, detect leaks, serve Prometheus metrics.
     #[command(after_help = AGENT_EXAMPLES)]
     Agent(AgentArgs),
+    /// Measure what memtrace's allocator probes cost per call on this machine.
+    Calibrate(CalibrateArgs),
 }
 
 const AGENT_EXAMPLES: &str = "\
@@ -144,6 +150,40 @@ pub struct AgentArgs {
     /// Pods without a `memtrace.io/trace` annotation: traced (`all`) or not (`opt-in`).
     #[arg(long, env = "MEMTRACE_TRACE_DEFAULT", value_enum, default_value_t = crate::policy::TraceDefault::All, help_heading = "Kubernetes")]
     pub trace_default: crate::policy::TraceDefault,
+
+    /// CPU budget: the most the allocator probes may cost a traced process, in percent of
+    /// its own CPU time (estimated from its calls and `memtrace calibrate`'s per-call
+    /// cost). A process over it is detached, and retried after --budget-retry. 0 = no budget.
+    #[arg(long, env = "MEMTRACE_MAX_OVERHEAD", default_value_t = 1.0)]
+    pub max_overhead: f64,
+
+    /// When the allocator probes go on: `escalate` (default) watches every container with
+    /// the always-on tier (page faults, anonymous memory; no trap per allocation) and gives
+    /// a container probes for --escalate-for when its memory grows; `always` puts probes on
+    /// every traced process from the start.
+    #[arg(long, env = "MEMTRACE_PROBES", value_enum, default_value_t = ProbeMode::Escalate)]
+    pub probes: ProbeMode,
+
+    /// How long one escalation keeps a container's allocator probes on (then off, with a
+    /// doubling pause while it keeps growing).
+    #[arg(long, env = "MEMTRACE_ESCALATE_FOR", default_value = "10m", value_parser = parse_duration)]
+    pub escalate_for: std::time::Duration,
+
+    /// Always-on tier: walk the stack of every Nth populating page fault per CPU.
+    #[arg(long, env = "MEMTRACE_FAULT_SAMPLE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_sample: u64,
+
+    /// How long a process detached for its budget stays untraced.
+    #[arg(long, env = "MEMTRACE_BUDGET_RETRY", default_value = "10m", value_parser = parse_duration)]
+    pub budget_retry: std::time::Duration,
+}
+
+/// `memtrace calibrate`.
+#[derive(Args, Debug, Clone)]
+pub struct CalibrateArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 const TOP_EXAMPLES: &str = "\
@@ -212,14 +252,43 @@ pub struct TopArgs {
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
 
+    /// What to trace: `exact` puts probes on the allocator (every call traps: outstanding
+    /// bytes per stack); `growth` counts the page faults that populate new memory (no
+    /// probe on the allocator: which stacks touch new pages; works on static binaries).
+    #[arg(long, env = "MEMTRACE_TIER", value_enum, default_value_t = Tier::Exact)]
+    pub tier: Tier,
+
+    /// Growth tier: walk the stack of every Nth populating page fault per CPU.
+    #[arg(long, env = "MEMTRACE_FAULT_SAMPLE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_sample: u64,
+
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// When the agent attaches allocator probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeMode {
+    /// To every traced process, from the start.
+    Always,
+    /// To the processes of containers whose memory grows, for --escalate-for at a time.
+    Escalate,
+}
+
+/// Which of memtrace's two tiers `top` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Tier {
+    /// Allocator probes: exact outstanding bytes per stack, a trap per call.
+    Exact,
+    /// Page faults that populate new memory: growth per stack, no trap per call.
+    Growth,
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Top(args) => crate::top::run(args),
         Command::Agent(args) => crate::agent::run(args),
+        Command::Calibrate(args) => crate::calibrate::run(args.json),
     }
 }

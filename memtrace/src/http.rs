@@ -89,6 +89,7 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/suspects", get(suspects))
+        .route("/api/v1/growth", get(growth))
         .route("/debug/pprof/heap", get(pprof_heap))
         .route("/flamegraph.svg", get(flamegraph))
         .with_state(state)
@@ -119,15 +120,32 @@ async fn suspects(State(state): State<AppState>) -> Response {
     axum::Json(&view.suspects).into_response()
 }
 
-/// The samples of `?container=` (all containers when absent), or a 404 naming it.
+/// The always-on tier's top growth sites per container.
+async fn growth(State(state): State<AppState>) -> Response {
+    let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    axum::Json(&view.growth).into_response()
+}
+
+/// The samples of `?container=` (all containers when absent) from `?tier=` (`exact`, the
+/// default: outstanding memory; `growth`: pages populated), or an error saying why not.
 fn samples(
     state: &AppState,
     query: &HashMap<String, String>,
 ) -> Result<Vec<ProfileSample>, (StatusCode, String)> {
     let view = state.view.read().unwrap_or_else(|e| e.into_inner());
+    let profiles = match query.get("tier").map(String::as_str) {
+        None | Some("exact") => &view.profiles,
+        Some("growth") => &view.growth_profiles,
+        Some(other) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("unknown tier {other:?}: exact or growth\n"),
+            ));
+        }
+    };
     match query.get("container") {
-        None => Ok(view.profiles.values().flatten().cloned().collect()),
-        Some(container) => view.profiles.get(container).cloned().ok_or_else(|| {
+        None => Ok(profiles.values().flatten().cloned().collect()),
+        Some(container) => profiles.get(container).cloned().ok_or_else(|| {
             (
                 StatusCode::NOT_FOUND,
                 format!("no traced container {container:?}\n"),
@@ -164,9 +182,13 @@ async fn flamegraph(
         Ok(samples) => samples,
         Err(not_found) => return not_found.into_response(),
     };
+    let what = match query.get("tier").map(String::as_str) {
+        Some("growth") => "Memory growth (pages populated)",
+        _ => "Outstanding memory",
+    };
     let title = match query.get("container") {
-        Some(container) => format!("Outstanding memory of {container}"),
-        None => "Outstanding memory".to_owned(),
+        Some(container) => format!("{what} of {container}"),
+        None => what.to_owned(),
     };
     match profile::flamegraph_svg(&samples, &title) {
         Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),

@@ -5,11 +5,15 @@
 //! probe sits; `symbolize` and `report` turn addresses into stacks users can read; `top`
 //! and `launch` make the `memtrace top` command.
 pub mod agent;
+pub mod budget;
+pub mod calibrate;
 pub mod cgroup;
 pub mod cli;
 pub mod container;
 pub mod detect;
 pub mod elf;
+pub mod escalate;
+pub mod growth;
 pub mod http;
 pub mod k8s;
 pub mod launch;
@@ -22,6 +26,8 @@ pub mod preflight;
 pub mod process;
 pub mod profile;
 pub mod report;
+pub mod sweep;
 pub mod symbolize;
 pub mod top;
 pub mod tracer;
+pub mod watch;

@@ -89,7 +89,7 @@ impl Lifecycle {
                 .with_context(|| format!("the BPF object has no map {name}"))
         };
         let ring = RingBuf::try_from(take(lifecycle::EVENTS)?)?;
-        let watched = BpfHashMap::try_from(take(lifecycle::WATCHED_CGROUPS)?)?;
+        let watched = BpfHashMap::try_from(take(lifecycle::CGROUPS)?)?;
         let drops = PerCpuArray::try_from(take(lifecycle::DROPS)?)?;
         let counted = IntCounterVec::new(
             Opts::new(

@@ -43,6 +43,13 @@ pub struct Metrics {
     pub attach_errors: IntCounter,
     pub evicted_stacks: IntCounter,
     pub tick_seconds: Gauge,
+    pub overhead_ratio: GaugeVec,
+    pub budget_detaches: IntCounterVec,
+    pub probe_cost_seconds: GaugeVec,
+    pub anon_memory_bytes: IntGaugeVec,
+    pub populated_bytes: IntCounterVec,
+    pub escalated: IntGaugeVec,
+    pub escalations: IntCounterVec,
 }
 
 impl Metrics {
@@ -129,6 +136,53 @@ impl Metrics {
                 "memtrace_tick_duration_seconds",
                 "Time the last interval's work took.",
             )?,
+            overhead_ratio: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "memtrace_overhead_ratio",
+                        "Estimated CPU the allocator probes cost a container's most taxed traced process, as a fraction of its own CPU.",
+                    ),
+                    &CONTAINER_LABELS,
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            budget_detaches: counter_vec(
+                "memtrace_budget_detaches_total",
+                "Processes detached because their probes cost more than --max-overhead.",
+                &CONTAINER_LABELS,
+            )?,
+            probe_cost_seconds: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "memtrace_probe_cost_seconds",
+                        "Calibrated CPU cost of one traced allocator call, by call.",
+                    ),
+                    &["call"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            anon_memory_bytes: gauge_vec(
+                "memtrace_anon_memory_bytes",
+                "Anonymous resident memory of a watched container's processes (always-on tier).",
+                &CONTAINER_LABELS,
+            )?,
+            populated_bytes: counter_vec(
+                "memtrace_populated_bytes_total",
+                "Bytes of the pages a watched container's processes populated by touching new memory (always-on tier).",
+                &CONTAINER_LABELS,
+            )?,
+            escalated: gauge_vec(
+                "memtrace_escalated",
+                "1 while a container has allocator probes because its memory grows (--probes escalate).",
+                &CONTAINER_LABELS,
+            )?,
+            escalations: counter_vec(
+                "memtrace_escalations_total",
+                "Windows of allocator probes a container got because its memory grew.",
+                &CONTAINER_LABELS,
+            )?,
             registry,
         };
         for metric in [&metrics.traced_processes, &metrics.attached_probes] {
@@ -166,6 +220,15 @@ impl Metrics {
     }
 
     /// Forgets every series of a container that is gone.
+    /// Removes the always-on tier's series of a container no longer watched.
+    pub fn retire_watched(&self, labels: &ContainerLabels) {
+        let values = labels.values();
+        let _ = self.anon_memory_bytes.remove_label_values(&values);
+        let _ = self.populated_bytes.remove_label_values(&values);
+        let _ = self.escalated.remove_label_values(&values);
+        let _ = self.escalations.remove_label_values(&values);
+    }
+
     pub fn retire_container(&self, labels: &ContainerLabels) {
         let values = labels.values();
         let _ = self.outstanding_bytes.remove_label_values(&values);
@@ -173,6 +236,9 @@ impl Metrics {
         let _ = self.freed_bytes.remove_label_values(&values);
         let _ = self.leak_suspects.remove_label_values(&values);
         let _ = self.leak_events.remove_label_values(&values);
+        let _ = self.overhead_ratio.remove_label_values(&values);
+        // budget_detaches stays: a container whose processes were all detached for their
+        // budget is exactly the one whose count must stay visible.
     }
 }
 

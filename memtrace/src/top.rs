@@ -15,13 +15,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    cli::{Format, TopArgs},
+    cli::{Format, Tier, TopArgs},
     elf::ElfFile,
     launch::{self, ChildEvent, TracedChild},
     preflight, process,
     report::{self, Resolver, Target},
     symbolize::Symbolizer,
-    tracer::{Tracer, TracerOptions},
+    tracer::{Snapshot, Tracer, TracerOptions},
 };
 
 /// How often the loop wakes to check for exit, the deadline and Ctrl-C.
@@ -56,7 +56,11 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         max_stacks: args.max_stack_traces,
         // One process: probes scoped to it, so nothing else on the machine traps.
         filter_processes: false,
+        fault_sample: args.fault_sample,
     };
+    if args.tier == Tier::Growth {
+        return run_growth(args, options);
+    }
 
     // Everything that can be checked about the target is checked before loading BPF.
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
@@ -102,7 +106,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         Err(e) if !process::exists(pid) => {
             // It left while we attached: say so, and show whatever was counted.
             let tgids = HashSet::from([pid]);
-            let snapshot = tracer.snapshot(&tgids)?;
+            let snapshot = read(&args, &mut tracer, &tgids)?;
             let mut symbolizer = Symbolizer::new();
             resolver.learn(&snapshot.stacks, &mut symbolizer);
             let report = report::process_report(
@@ -144,6 +148,50 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         command,
         options.sample_bytes,
     )
+}
+
+/// `top --tier growth`: no allocator probes, only the page faults of the target (so a
+/// statically linked program or one without libc is fine).
+fn run_growth(args: TopArgs, options: TracerOptions) -> Result<ExitCode> {
+    let (traced, command) = match (&args.pid, args.command.split_first()) {
+        (Some(pid), None) => {
+            if !process::exists(*pid) {
+                bail!("no process with pid {pid}");
+            }
+            (Traced::Running { pid: *pid }, process::command_line(*pid))
+        }
+        (None, Some((program, rest))) => {
+            let program = process::find_program(program)?;
+            launch::check_runnable(&program)?;
+            (
+                Traced::Child(TracedChild::spawn(&program, rest)?),
+                args.command.join(" "),
+            )
+        }
+        _ => bail!("give either --pid PID or a command after `--`"),
+    };
+    let pid = traced.pid();
+    let mut tracer = Tracer::load(&options)?;
+    tracer.enable_growth()?;
+    tracer.watch_process(pid)?;
+    let mut resolver = Resolver::new(pid);
+    if let Traced::Running { .. } = traced {
+        resolver.refresh_map();
+    }
+    eprintln!("memtrace: counting the page faults that populate new memory in pid {pid}");
+    install_interrupt_handler();
+    if let Traced::Child(child) = &traced {
+        child.resume();
+    }
+    trace(&args, &mut tracer, resolver, traced, command, 1)
+}
+
+/// This run's numbers: allocator usage (exact tier) or page-fault growth.
+fn read(args: &TopArgs, tracer: &mut Tracer, tgids: &HashSet<u32>) -> Result<Snapshot> {
+    match args.tier {
+        Tier::Exact => tracer.snapshot(tgids),
+        Tier::Growth => tracer.growth_snapshot(|key| tgids.contains(&key.tgid)),
+    }
 }
 
 fn install_interrupt_handler() {
@@ -193,7 +241,7 @@ fn trace(
                 Ok(ChildEvent::Exiting) => {
                     // Its address space is still there: resolve everything now.
                     resolver.refresh_map();
-                    resolver.learn(&tracer.snapshot(&tgids)?.stacks, &mut symbolizer);
+                    resolver.learn(&read(args, tracer, &tgids)?.stacks, &mut symbolizer);
                     child.resume();
                 }
                 Ok(ChildEvent::Exited(code)) => {
@@ -217,7 +265,10 @@ fn trace(
         }
         if Instant::now() >= next_refresh {
             next_refresh += interval;
-            let snapshot = tracer.snapshot(&tgids)?;
+            if let Err(e) = tracer.sweep_freed(false) {
+                log::warn!("sweeping freed live-block entries: {e:#}");
+            }
+            let snapshot = read(args, tracer, &tgids)?;
             resolver.learn(&snapshot.stacks, &mut symbolizer);
             if args.format == Format::Table {
                 let target = Target {
@@ -241,7 +292,7 @@ fn trace(
         }
     }
 
-    let snapshot = tracer.snapshot(&tgids)?;
+    let snapshot = read(args, tracer, &tgids)?;
     resolver.learn(&snapshot.stacks, &mut symbolizer);
     let report = report::process_report(
         &snapshot,

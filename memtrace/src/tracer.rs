@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Counter, NO_STACK, ProcessKey, ProcessTotals, StackFrames, ThreadState,
-    Usage, UsageKey, capacity, globals, maps,
+    AllocInfo, AllocKey, COUNT_SCALE, Counter, FREED, NO_STACK, ProcessKey, ProcessTotals,
+    StackFrames, ThreadState, Usage, UsageKey, capacity, globals, maps,
 };
 
 use crate::{elf::ElfFile, placement, process::FileId};
@@ -94,6 +94,8 @@ pub struct TracerOptions {
     pub max_stacks: u32,
     /// Count only processes in `TRACED` (needed by [`Tracer::trace_shared`]).
     pub filter_processes: bool,
+    /// Always-on tier: walk every Nth populating page fault per CPU (1 = every one).
+    pub fault_sample: u64,
 }
 
 impl Default for TracerOptions {
@@ -103,6 +105,7 @@ impl Default for TracerOptions {
             max_allocations: capacity::ALLOCS,
             max_stacks: capacity::STACKS,
             filter_processes: false,
+            fault_sample: 1,
         }
     }
 }
@@ -146,6 +149,14 @@ pub struct Snapshot {
 
 pub struct Tracer {
     ebpf: Ebpf,
+    /// The loaded `SAMPLE_BYTES`: 1 means process totals are partly in `USAGE`.
+    sample_bytes: u64,
+    /// Capacity of `ALLOCS`.
+    max_allocations: u32,
+    /// Freed `ALLOCS` entries deleted from here (swept, or purged with their process).
+    freed_deleted: i64,
+    /// The sweep epoch last written to `SWEEP_EPOCH`.
+    sweep_epoch: u64,
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
     loaded: HashSet<&'static str>,
@@ -190,12 +201,17 @@ impl Tracer {
                 &u64::from(options.filter_processes),
                 true,
             )
+            .override_global(globals::FAULT_SAMPLE, &options.fault_sample.max(1), true)
             .map_max_entries(maps::ALLOCS, options.max_allocations)
             .map_max_entries(maps::STACKS, options.max_stacks)
             .load(BPF_OBJECT)
             .map_err(|e| explain_load_error(e.into()))?;
         Ok(Self {
             ebpf,
+            sample_bytes: options.sample_bytes.max(1),
+            max_allocations: options.max_allocations,
+            freed_deleted: 0,
+            sweep_epoch: 0,
             stack_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
@@ -429,7 +445,7 @@ impl Tracer {
         let mut oldest: HashMap<UsageKey, u64> = HashMap::new();
         // Entries may vanish while we walk: skip what fails to read.
         for (_, info) in allocs.iter().filter_map(Result::ok) {
-            if stacks.contains(&info.usage) {
+            if info.size != FREED && stacks.contains(&info.usage) {
                 let time = oldest.entry(info.usage).or_insert(info.timestamp_ns);
                 *time = (*time).min(info.timestamp_ns);
             }
@@ -440,11 +456,6 @@ impl Tracer {
     /// Deletes everything the maps hold about process `tgid` (after it exited).
     pub fn forget(&mut self, tgid: u32) -> Result<()> {
         self.forget_all(&HashSet::from([tgid]))
-    }
-
-    /// The loaded object, for the module that adds programs of its own (`lifecycle`).
-    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
     }
 
     /// [`Tracer::forget`] for several processes at once: one pass over each map, however
@@ -478,13 +489,51 @@ impl Tracer {
         for key in doomed {
             let _ = totals.remove(&key);
         }
-        purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| gone(k.tgid))?;
+        self.purge_allocs(tgids)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| gone(k.tgid))?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| gone((k >> 32) as u32))?;
         Ok(())
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+    /// Deletes the `ALLOCS` entries of `tgid`, noting how many were freed entries.
+    fn purge_allocs(&mut self, tgids: &HashSet<u32>) -> Result<()> {
+        let mut allocs: BpfHashMap<&mut MapData, AllocKey, AllocInfo> =
+            BpfHashMap::try_from(self.map_mut(maps::ALLOCS)?)?;
+        let doomed: Vec<AllocKey> = allocs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| tgids.contains(&k.tgid))
+            .collect();
+        let mut freed = 0;
+        for key in doomed {
+            if allocs.get(&key, 0).is_ok_and(|info| info.size == FREED) {
+                freed += 1;
+            }
+            // Gone already (removed by a racing probe) is fine.
+            let _ = allocs.remove(&key);
+        }
+        self.freed_deleted += freed;
+        Ok(())
+    }
+
+    pub(crate) fn max_allocations(&self) -> u32 {
+        self.max_allocations
+    }
+
+    pub(crate) fn freed_deleted(&self) -> i64 {
+        self.freed_deleted
+    }
+
+    pub(crate) fn note_freed_deleted(&mut self, deleted: u64) {
+        self.freed_deleted += deleted as i64;
+    }
+
+    pub(crate) fn advance_sweep_epoch(&mut self) -> u64 {
+        self.sweep_epoch += 1;
+        self.sweep_epoch
+    }
+
+    pub(crate) fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
             .with_context(|| format!("the BPF object has no map {name}"))
@@ -502,27 +551,8 @@ impl Tracer {
                 entries.push((key, value));
             }
         }
-        let stacks: BpfHashMap<&MapData, u64, StackFrames> =
-            BpfHashMap::try_from(self.ebpf.map(maps::STACKS).context("no STACKS map")?)?;
         for (key, value) in entries {
-            let frames = if key.stack_id == NO_STACK {
-                Vec::new()
-            } else if let Some(frames) = self.stack_cache.get(&key.stack_id) {
-                frames.clone()
-            } else {
-                let frames: Vec<u64> = match stacks.get(&key.stack_id, 0) {
-                    Ok(stack) => {
-                        let len = (stack.len as usize).min(stack.ips.len());
-                        stack.ips[..len].to_vec()
-                    }
-                    Err(e) => {
-                        log::debug!("stack {:#x} unreadable: {e}", key.stack_id);
-                        Vec::new()
-                    }
-                };
-                self.stack_cache.insert(key.stack_id, frames.clone());
-                frames
-            };
+            let frames = self.frames(key.stack_id)?;
             snapshot.stacks.push(StackUsage {
                 key,
                 usage: value,
@@ -532,12 +562,26 @@ impl Tracer {
 
         let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
             PerCpuHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
+        let mut by_process: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
         for item in totals.iter() {
             let (key, per_cpu) = item.context("reading PROCESS_TOTALS")?;
             if tgids.contains(&key.tgid) {
-                snapshot.totals.push((key, sum_totals(per_cpu.iter())));
+                by_process.insert(key, sum_totals(per_cpu.iter()));
             }
         }
+        if self.sample_bytes <= 1 {
+            // Exact mode: a block in a stack is counted there only (one map update less
+            // per call in BPF), so a process's totals are its stacks plus the rest.
+            for stack in &snapshot.stacks {
+                let key = ProcessKey {
+                    cgroup_id: stack.key.cgroup_id,
+                    tgid: stack.key.tgid,
+                    _pad: 0,
+                };
+                add_usage(by_process.entry(key).or_default(), &stack.usage);
+            }
+        }
+        snapshot.totals = by_process.into_iter().collect();
 
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
@@ -548,20 +592,49 @@ impl Tracer {
         Ok(snapshot)
     }
 
-    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+    /// The frames of a stack id (empty for [`NO_STACK`] or an unreadable one), cached:
+    /// an id always means the same stack.
+    pub(crate) fn frames(&mut self, stack_id: u64) -> Result<Vec<u64>> {
+        if stack_id == NO_STACK {
+            return Ok(Vec::new());
+        }
+        if let Some(frames) = self.stack_cache.get(&stack_id) {
+            return Ok(frames.clone());
+        }
+        let stacks: BpfHashMap<&MapData, u64, StackFrames> =
+            BpfHashMap::try_from(self.map(maps::STACKS)?)?;
+        let frames: Vec<u64> = match stacks.get(&stack_id, 0) {
+            Ok(stack) => {
+                let len = (stack.len as usize).min(stack.ips.len());
+                stack.ips[..len].to_vec()
+            }
+            Err(e) => {
+                log::debug!("stack {stack_id:#x} unreadable: {e}");
+                Vec::new()
+            }
+        };
+        self.stack_cache.insert(stack_id, frames.clone());
+        Ok(frames)
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub(crate) fn map(&self, name: &str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))
     }
 
-    /// Entries of the per-process maps, whoever they belong to: `TRACED` and
-    /// `PROCESS_TOTALS` (a process's entries there live exactly as long as its blocks in
-    /// `ALLOCS`), so that entries left behind by gone processes show.
+    /// Entries of the per-process maps, whoever they belong to: `TRACED`, and `USAGE` (a
+    /// process's stacks, which carry its totals), so that entries left behind by gone
+    /// processes show.
     pub fn process_entries(&self) -> Result<(usize, usize)> {
         let traced: BpfHashMap<&MapData, u32, u32> = BpfHashMap::try_from(self.map(maps::TRACED)?)?;
-        let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
-            PerCpuHashMap::try_from(self.map(maps::PROCESS_TOTALS)?)?;
-        Ok((traced.keys().count(), totals.keys().count()))
+        let usage: BpfHashMap<&MapData, UsageKey, Usage> =
+            BpfHashMap::try_from(self.map(maps::USAGE)?)?;
+        Ok((traced.keys().count(), usage.keys().count()))
     }
 }
 
@@ -588,6 +661,21 @@ fn sum_totals<'a>(per_cpu: impl Iterator<Item = &'a ProcessTotals>) -> ProcessTo
         allocations: sum.allocations.wrapping_add(t.allocations),
         unmatched_frees: sum.unmatched_frees.wrapping_add(t.unmatched_frees),
     })
+}
+
+/// Adds one stack's exact usage (counts in 1/`COUNT_SCALE`) to its process's totals.
+fn add_usage(totals: &mut ProcessTotals, usage: &Usage) {
+    totals.allocated_bytes = totals.allocated_bytes.wrapping_add(usage.allocated_bytes);
+    totals.allocations = totals
+        .allocations
+        .wrapping_add(usage.allocated_count / COUNT_SCALE);
+    totals.freed_bytes = totals.freed_bytes.wrapping_add(usage.freed_bytes);
+    totals.outstanding_bytes = totals
+        .outstanding_bytes
+        .wrapping_add(usage.outstanding_bytes);
+    totals.outstanding_count = totals
+        .outstanding_count
+        .wrapping_add(usage.outstanding_count / COUNT_SCALE as i64);
 }
 
 /// Turns a permission failure into the one line a user needs.

@@ -198,6 +198,22 @@ pub fn cgroup_of(pid: i32) -> Option<String> {
         .map(|p| p.trim().to_owned())
 }
 
+/// Starts fixture `name` with `args` inside `cgroup` (as [`start_shape`] does) and waits
+/// for its line starting with `ready`.
+pub fn start_in_cgroup(cgroup: &Cgroup, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0" && exec "$@""#)
+        .arg(cgroup.dir.join("cgroup.procs"))
+        .arg(fixture(name))
+        .args(args);
+    let proc = Proc::spawn(format!("{name} {args:?} in {}", cgroup.label), cmd);
+    proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
+        l.starts_with("ready")
+    });
+    proc
+}
+
 /// Starts `fixtures/shapes.c` with `args` inside `cgroup` (the shell moves itself into the
 /// cgroup, then execs the fixture: it never runs outside), and waits for its `ready` line.
 /// The fixture then waits for SIGUSR1 before allocating anything.
@@ -278,6 +294,11 @@ const AGENT_ENV: &[&str] = &[
     "MEMTRACE_TRACE_DEFAULT",
     "NODE_NAME",
     "KUBERNETES_SERVICE_HOST",
+    "MEMTRACE_MAX_OVERHEAD",
+    "MEMTRACE_BUDGET_RETRY",
+    "MEMTRACE_PROBES",
+    "MEMTRACE_ESCALATE_FOR",
+    "MEMTRACE_FAULT_SAMPLE",
 ];
 
 impl Agent {
@@ -296,6 +317,12 @@ impl Agent {
             cmd.env_remove(name);
         }
         cmd.env("MEMTRACE_LOG", "info");
+        // The CPU budget would detach the busy fixtures other tests watch: only the
+        // budget's own test turns it on (a flag wins over the environment).
+        cmd.env("MEMTRACE_MAX_OVERHEAD", "0");
+        // Likewise, the tests of the exact tier want its probes from the start; the
+        // escalation test asks for `--probes escalate`.
+        cmd.env("MEMTRACE_PROBES", "always");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -14,7 +14,9 @@ mod prometheus;
 mod util;
 
 mod agent_attach_errors;
+mod agent_budget;
 mod agent_env;
+mod agent_escalate;
 mod agent_follow;
 mod agent_pprof;
 mod agent_prometheus;
@@ -27,6 +29,7 @@ mod deploy_manifests;
 mod deploy_rules;
 mod errors;
 mod exact;
+mod growth;
 mod isolation;
 mod munmap;
 mod nested;

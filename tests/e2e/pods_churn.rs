@@ -106,7 +106,7 @@ fn pods_exec_of_a_traced_process_reattaches() {
     });
     let pid = proc.pid();
     let traced = format!("tracing pid {pid} ");
-    let gone = format!("pid {pid} is gone");
+    let gone = format!("pid {pid}: detached");
     let wait_log = |what: &str, needle: &str| {
         agent
             .proc
@@ -193,8 +193,9 @@ fn pods_churn_leaves_nothing_behind() {
     let after = agent.wait_for("the churn to be let go", Duration::from_secs(15), |s| {
         let traced = s.value("memtrace_traced_processes", &[])?;
         let in_map = s.value("memtrace_bpf_map_entries", &[("map", "traced")])?;
-        let totals = s.value("memtrace_bpf_map_entries", &[("map", "process_totals")])?;
-        (traced == 1.0 && in_map == 1.0 && totals <= 1.0).then(|| s.clone())
+        let usage_all = s.value("memtrace_bpf_map_entries", &[("map", "usage_all")])?;
+        let usage = s.value("memtrace_bpf_map_entries", &[("map", "usage")])?;
+        (traced == 1.0 && in_map == 1.0 && usage_all == usage).then(|| s.clone())
     });
     let execs = after
         .value("memtrace_process_events_total", &[("kind", "exec")])

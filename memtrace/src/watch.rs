@@ -1,0 +1,279 @@
+//! The always-on tier in the agent: every watched container is followed without any
+//! allocator probe. Per container it keeps the anonymous memory of its processes (RssAnon)
+//! as a series for the leak detector, which decides escalation, and the pages its stacks
+//! populated (page faults, see [`crate::growth`]), which say where it grows.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use crate::{
+    detect::{Assessment, DetectorConfig, Point, Series},
+    metrics::{ContainerLabels, Metrics},
+    profile::ProfileSample,
+    report::{Frame, Resolver},
+    symbolize::Symbolizer,
+    tracer::Tracer,
+};
+
+/// What one interval of the always-on tier publishes.
+#[derive(Default)]
+pub struct Observed {
+    /// Top growth sites per container.
+    pub sites: Vec<GrowthSite>,
+    /// Every growth stack per container (by container label), for pprof and flame graphs.
+    pub profiles: BTreeMap<String, Vec<ProfileSample>>,
+}
+
+/// Growth sites kept per container in the API.
+const SITES_PER_CONTAINER: usize = 5;
+
+/// One stack that populated new memory, as `/api/v1/growth` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GrowthSite {
+    #[serde(flatten)]
+    pub labels: ContainerLabels,
+    pub stack_id: String,
+    pub site: String,
+    /// Bytes of the pages this stack populated since it was first seen.
+    pub populated_bytes: u64,
+    pub frames: Vec<Frame>,
+}
+
+struct Container {
+    labels: ContainerLabels,
+    /// Anonymous memory of its processes over time.
+    series: Series,
+    assessment: Assessment,
+}
+
+/// The watched containers (by cgroup id) and the processes in them.
+pub struct Watch {
+    detector: DetectorConfig,
+    started: Instant,
+    containers: HashMap<u64, Container>,
+    /// Resolvers of the watched processes (their stacks must resolve while they live).
+    processes: BTreeMap<u32, (u64, Resolver)>,
+    /// Populated bytes counted so far per process (for the counter's increments).
+    populated: HashMap<u32, u64>,
+}
+
+impl Watch {
+    pub fn new(detector: DetectorConfig) -> Self {
+        Self {
+            detector,
+            started: Instant::now(),
+            containers: HashMap::new(),
+            processes: BTreeMap::new(),
+            populated: HashMap::new(),
+        }
+    }
+
+    /// Follows `wanted` (pid → (cgroup id, labels)) for one interval: watches new
+    /// containers' page faults, lets go of gone ones, and pushes each container's
+    /// anonymous memory to its series. Returns what the API shows of it.
+    pub fn observe(
+        &mut self,
+        wanted: &BTreeMap<u32, (u64, ContainerLabels)>,
+        tracer: &mut Tracer,
+        symbolizer: &mut Symbolizer,
+        metrics: &Metrics,
+    ) -> Observed {
+        // Processes: resolvers for new ones, map entries of gone ones freed.
+        let gone: Vec<u32> = self
+            .processes
+            .keys()
+            .filter(|pid| !wanted.contains_key(pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.processes.remove(&pid);
+            self.populated.remove(&pid);
+            if let Err(e) = tracer.forget_growth(pid) {
+                log::warn!("freeing the map entries of pid {pid}: {e:#}");
+            }
+        }
+        for (&pid, (cgroup_id, _)) in wanted {
+            self.processes.entry(pid).or_insert_with(|| {
+                let mut resolver = Resolver::new(pid);
+                resolver.refresh_map();
+                (*cgroup_id, resolver)
+            });
+        }
+
+        // Containers: watched while a wanted process is in them.
+        let mut anon: HashMap<u64, u64> = HashMap::new();
+        for (&pid, (cgroup_id, _)) in wanted {
+            *anon.entry(*cgroup_id).or_default() += anon_rss(pid).unwrap_or(0);
+        }
+        let dropped: Vec<u64> = self
+            .containers
+            .keys()
+            .filter(|id| !anon.contains_key(id))
+            .copied()
+            .collect();
+        for id in dropped {
+            if let Some(container) = self.containers.remove(&id) {
+                tracer.unwatch_cgroup(id);
+                metrics.retire_watched(&container.labels);
+            }
+        }
+        let t = self.started.elapsed().as_secs_f64();
+        for (&pid, (cgroup_id, labels)) in wanted {
+            if self.containers.contains_key(cgroup_id) {
+                continue;
+            }
+            match tracer.watch_cgroup(*cgroup_id) {
+                Ok(()) => {
+                    log::info!("watching {} (pid {pid}) for growth", labels.container);
+                    self.containers.insert(
+                        *cgroup_id,
+                        Container {
+                            labels: labels.clone(),
+                            series: Series::new(),
+                            assessment: Assessment::default(),
+                        },
+                    );
+                }
+                Err(e) => log::warn!("cannot watch {}: {e:#}", labels.container),
+            }
+        }
+        for (id, container) in &mut self.containers {
+            let bytes = anon.get(id).copied().unwrap_or(0);
+            container.series.push(
+                Point {
+                    t,
+                    bytes: bytes as f64,
+                    mean_age: None,
+                },
+                &self.detector,
+            );
+            container.assessment = container.series.assess(&self.detector);
+            metrics
+                .anon_memory_bytes
+                .with_label_values(&container.labels.values())
+                .set(bytes as i64);
+        }
+        self.growth_sites(tracer, symbolizer, metrics)
+    }
+
+    /// Whether container `id`'s memory grows the way a leak does.
+    pub fn growing(&self, id: u64) -> bool {
+        self.containers
+            .get(&id)
+            .is_some_and(|c| c.assessment.suspect)
+    }
+
+    pub fn labels(&self, id: u64) -> Option<&ContainerLabels> {
+        self.containers.get(&id).map(|c| &c.labels)
+    }
+
+    pub fn container_ids(&self) -> Vec<u64> {
+        self.containers.keys().copied().collect()
+    }
+
+    /// Reads the page-fault growth of the watched containers: counters, and the top
+    /// stacks of each.
+    fn growth_sites(
+        &mut self,
+        tracer: &mut Tracer,
+        symbolizer: &mut Symbolizer,
+        metrics: &Metrics,
+    ) -> Observed {
+        let watched: HashSet<u64> = self.containers.keys().copied().collect();
+        let snapshot = match tracer.growth_snapshot(|key| watched.contains(&key.cgroup_id)) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                log::warn!("reading the always-on tier's maps: {e:#}");
+                return Observed::default();
+            }
+        };
+        for (_, resolver) in self.processes.values_mut() {
+            resolver.learn(&snapshot.stacks, symbolizer);
+        }
+        let mut per_process: HashMap<(u32, u64), u64> = HashMap::new();
+        let mut sites: HashMap<(u64, String), GrowthSite> = HashMap::new();
+        for stack in &snapshot.stacks {
+            let bytes = stack.usage.allocated_bytes;
+            *per_process
+                .entry((stack.key.tgid, stack.key.cgroup_id))
+                .or_default() += bytes;
+            let (Some(container), Some((_, resolver))) = (
+                self.containers.get(&stack.key.cgroup_id),
+                self.processes.get(&stack.key.tgid),
+            ) else {
+                continue;
+            };
+            let (stack_id, frames) = resolver.stack(stack, symbolizer);
+            let site = sites
+                .entry((stack.key.cgroup_id, stack_id.clone()))
+                .or_insert_with(|| GrowthSite {
+                    labels: container.labels.clone(),
+                    stack_id,
+                    site: frames
+                        .first()
+                        .map(Frame::site)
+                        .unwrap_or_else(|| "[no stack]".into()),
+                    populated_bytes: 0,
+                    frames,
+                });
+            site.populated_bytes += bytes;
+        }
+        for ((pid, cgroup_id), total) in per_process {
+            let last = self.populated.entry(pid).or_default();
+            let delta = total.saturating_sub(*last);
+            *last = total;
+            if let Some(container) = self.containers.get(&cgroup_id) {
+                metrics
+                    .populated_bytes
+                    .with_label_values(&container.labels.values())
+                    .inc_by(delta);
+            }
+        }
+        let mut profiles: BTreeMap<String, Vec<ProfileSample>> = BTreeMap::new();
+        for site in sites.values() {
+            profiles
+                .entry(site.labels.container.clone())
+                .or_default()
+                .push(ProfileSample {
+                    frames: site.frames.clone(),
+                    bytes: site.populated_bytes,
+                    count: site.populated_bytes / crate::tracer::page_size(),
+                });
+        }
+        let mut sites: Vec<GrowthSite> = sites.into_values().collect();
+        sites.sort_by(|a, b| {
+            b.populated_bytes
+                .cmp(&a.populated_bytes)
+                .then(a.stack_id.cmp(&b.stack_id))
+        });
+        let mut kept: HashMap<String, usize> = HashMap::new();
+        sites.retain(|site| {
+            let n = kept.entry(site.labels.container.clone()).or_default();
+            *n += 1;
+            *n <= SITES_PER_CONTAINER
+        });
+        Observed { sites, profiles }
+    }
+}
+
+/// Anonymous resident memory of process `pid` in bytes (`RssAnon` of /proc/PID/status).
+fn anon_rss(pid: u32) -> Option<u64> {
+    let status = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .status()
+        .ok()?;
+    status.rssanon.map(|kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_anonymous_memory_is_readable() {
+        assert!(anon_rss(std::process::id()).is_some_and(|bytes| bytes > 0));
+    }
+}
