@@ -471,10 +471,15 @@ impl Agent {
                     Err(_) => continue, // The cgroup went away meanwhile.
                 },
             };
-            let labels = ContainerLabels {
-                container: path.clone(),
-                ..Default::default()
-            };
+            // On Kubernetes, the container's pod as the API knows it now.
+            let labels = self
+                .pods
+                .as_ref()
+                .and_then(|pods| pods.labels(path))
+                .unwrap_or_else(|| ContainerLabels {
+                    container: path.clone(),
+                    ..Default::default()
+                });
             watched.insert(*pid, (id, labels));
         }
         let observed = watch.observe(

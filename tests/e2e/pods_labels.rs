@@ -81,6 +81,10 @@ fn pods_label_series_by_pod() {
             .filter(|v| *v >= (LEAKS * SIZE) as f64)
     });
     assert!(bytes < (LEAKS * SIZE + 64 * 1024) as f64, "{bytes}");
+    // The always-on tier's series carry the pod's labels too.
+    agent.wait_for("web-1's anonymous memory series", FEW_INTERVALS, |s| {
+        pod_value(s, "memtrace_anon_memory_bytes", "shop", "web-1", "app")
+    });
     // The other node's pod is unknown here: traced under its container id.
     agent.wait_for("the stray container under its id", FEW_INTERVALS, |s| {
         pod_value(s, "memtrace_outstanding_bytes", "", "", &container_id(9))
@@ -115,13 +119,13 @@ fn pods_label_series_by_pod() {
     agent.wait_for("web-2 relabelled", FEW_INTERVALS, |s| {
         let by_pod = pod_value(s, "memtrace_outstanding_bytes", "shop", "web-2", "sidecar")
             .filter(|v| *v >= (LEAKS * SIZE) as f64);
-        let by_id = s
-            .series(
-                "memtrace_outstanding_bytes",
-                &[("container", &container_id(2))],
-            )
-            .count();
-        by_pod.filter(|_| by_id == 0)
+        let anon_by_pod =
+            pod_value(s, "memtrace_anon_memory_bytes", "shop", "web-2", "sidecar").is_some();
+        let by_id = ["memtrace_outstanding_bytes", "memtrace_anon_memory_bytes"]
+            .iter()
+            .map(|name| s.series(name, &[("container", &container_id(2))]).count())
+            .sum::<usize>();
+        by_pod.filter(|_| anon_by_pod && by_id == 0)
     });
 
     // An API outage: errors are counted, the labels stay.
