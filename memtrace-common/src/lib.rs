@@ -340,3 +340,51 @@ const _: () = {
     assert!(core::mem::size_of::<ProcessTotals>() == 48);
     assert!(core::mem::size_of::<ThreadState>() == 8 + 16 + 56 + 8 + 8 + 56 + 8);
 };
+
+/// Process lifecycle events: `exec` and `fork` in a watched cgroup (or by a traced
+/// process) and `exit` of a traced process, from BTF tracepoints through a ring buffer. They are rare
+/// (not per allocation): they wake the agent's discovery, which attaches to new processes
+/// and frees the map entries of gone ones at once instead of at the next interval.
+pub mod lifecycle {
+    /// Ring buffer of [`crate::LifecycleEvent`]s.
+    pub const EVENTS: &str = "LIFECYCLE_EVENTS";
+    /// cgroup id → 1: an exec in this cgroup or any cgroup below it is reported.
+    pub const CGROUPS: &str = "LIFECYCLE_CGROUPS";
+    /// Per-CPU count of events lost because the ring buffer was full (slot 0).
+    pub const DROPS: &str = "LIFECYCLE_DROPS";
+    /// Program on `sched_process_exec`.
+    pub const EXEC_PROGRAM: &str = "lifecycle_exec";
+    /// Program on `sched_process_exit`.
+    pub const EXIT_PROGRAM: &str = "lifecycle_exit";
+    /// Program on `task_newtask` (new processes, not threads).
+    pub const FORK_PROGRAM: &str = "lifecycle_fork";
+    pub const EXEC_TRACEPOINT: &str = "sched_process_exec";
+    pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
+    pub const FORK_TRACEPOINT: &str = "task_newtask";
+    /// Ring buffer size (a power of two, a multiple of the page size): 4096 events.
+    pub const RING_BYTES: u32 = 64 * 1024;
+    pub const MAX_WATCHED_CGROUPS: u32 = 1024;
+    /// cgroup levels checked against `LIFECYCLE_CGROUPS` (the root is level 0).
+    pub const MAX_CGROUP_LEVEL: i32 = 16;
+    /// [`crate::LifecycleEvent::kind`]: a process called exec.
+    pub const EXEC: u32 = 1;
+    /// [`crate::LifecycleEvent::kind`]: a traced process exited.
+    pub const EXIT: u32 = 2;
+    /// [`crate::LifecycleEvent::kind`]: a process forked a child (without exec) in a
+    /// watched cgroup; `tgid` is the parent's.
+    pub const FORK: u32 = 3;
+}
+
+/// One lifecycle event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    /// [`lifecycle::EXEC`] or [`lifecycle::EXIT`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub cgroup_id: u64,
+    /// When it happened (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub time_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LifecycleEvent>() == 24);

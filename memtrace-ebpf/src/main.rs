@@ -81,6 +81,8 @@ const STACKS_SEEN_SLOTS: u32 = 256;
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+mod lifecycle;
+
 const MAP_ANONYMOUS: u64 = 0x20;
 const MAX_ERRNO: u64 = 4095;
 

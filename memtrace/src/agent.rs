@@ -20,7 +20,11 @@ use crate::{
     cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
     escalate::{Change, Escalation},
+    k8s,
+    lifecycle::Lifecycle,
     metrics::{ContainerLabels, Metrics},
+    pods::PodDiscovery,
+    policy::Policy,
     preflight, process,
     profile::ProfileSample,
     report::{self, Frame, Resolver},
@@ -67,14 +71,45 @@ pub type SharedView = Arc<RwLock<View>>;
 struct TracedProcess {
     resolver: Resolver,
     cgroup_id: u64,
+    cgroup_path: String,
     labels: ContainerLabels,
+    /// When it was attached (CLOCK_MONOTONIC ns): an exec before that is already seen.
+    attached_ns: u64,
 }
+
+/// What wakes the agent between intervals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Detach everything and return.
+    Stop,
+    /// Processes or pods changed: look for processes to trace (and gone ones) now.
+    Discover,
+}
+
+/// The least time between two discoveries woken by events: a burst of execs, exits or pod
+/// updates costs one /proc and cgroup scan, not one each.
+const MIN_DISCOVERY_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A process that could not be attached: retried with back-off.
 struct Failure {
     retry_at: Instant,
     attempts: u32,
+    first: Instant,
+    logged: bool,
 }
+
+/// A process found right at its exec has not mapped its libc yet (the dynamic loader does
+/// that next): for a process that young, failures are retried quickly (100 ms, doubling)
+/// before the back-off in intervals.
+const QUICK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const QUICK_RETRIES: u32 = 4;
+const QUICK_RETRY_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the probes of a libc file stay attached after its last traced process went
+/// (three intervals, within these bounds).
+const IDLE_GRACE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long discovery waits after an exec event, for the loader to map libc.
+const EXEC_SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 struct StackState {
     series: Series,
@@ -125,6 +160,13 @@ pub struct Agent {
     view: SharedView,
     started: Instant,
     next_oldest_scan: Option<Instant>,
+    /// Pods of this node, when running with Kubernetes.
+    pods: Option<PodDiscovery>,
+    /// Exec and exit events from the kernel (absent if their programs cannot attach).
+    lifecycle: Option<Lifecycle>,
+    last_lifecycle_drops: u64,
+    wake_tx: mpsc::Sender<Wake>,
+    wake_rx: mpsc::Receiver<Wake>,
     /// The probes' calibrated cost, while it is being measured.
     calibration: Option<mpsc::Receiver<Result<calibrate::Calibration>>>,
     /// The CPU budget, once calibrated (never with `--max-overhead 0`).
@@ -161,6 +203,19 @@ impl Agent {
                 None
             }
             Err(e) => return Err(e.context("--cgroup needs a cgroup v2 hierarchy")),
+        };
+        let (wake_tx, wake_rx) = mpsc::channel();
+        let pods = start_pods(&args, &metrics, wake_tx.clone())?;
+        let waker = wake_tx.clone();
+        let notify = Box::new(move || {
+            let _ = waker.send(Wake::Discover);
+        });
+        let lifecycle = match Lifecycle::start(&mut tracer, &metrics.registry, notify) {
+            Ok(lifecycle) => Some(lifecycle),
+            Err(e) => {
+                log::warn!("{e:#}: new processes are found by the periodic rescan only");
+                None
+            }
         };
         // Calibrated in the background (attaching and detaching takes seconds); the
         // budget judges nobody until the figures are in.
@@ -224,6 +279,11 @@ impl Agent {
             view,
             started: Instant::now(),
             next_oldest_scan: None,
+            pods,
+            lifecycle,
+            last_lifecycle_drops: 0,
+            wake_tx,
+            wake_rx,
             calibration,
             budget: None,
             over_budget: HashMap::new(),
@@ -233,29 +293,117 @@ impl Agent {
         })
     }
 
-    /// Runs until `stop` receives (or its sender is dropped), one tick per interval.
+    /// A sender that wakes the agent (for events from other threads).
+    pub fn waker(&self) -> mpsc::Sender<Wake> {
+        self.wake_tx.clone()
+    }
+
+    /// Runs until `stop` receives (or its sender is dropped), one tick per interval, and
+    /// a discovery between ticks whenever something wakes it.
     pub fn run(&mut self, stop: mpsc::Receiver<()>) -> Result<()> {
+        let waker = self.waker();
+        std::thread::Builder::new()
+            .name("memtrace-stop".into())
+            .spawn(move || {
+                let _ = stop.recv();
+                let _ = waker.send(Wake::Stop);
+            })?;
         loop {
             let began = Instant::now();
             if let Err(e) = self.tick() {
                 log::warn!("interval failed: {e:#}");
             }
             self.metrics.tick_seconds.set(began.elapsed().as_secs_f64());
-            let wait = self.args.interval.saturating_sub(began.elapsed());
-            match stop.recv_timeout(wait) {
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                _ => break,
+            if !self.wait_until(began + self.args.interval) {
+                break;
             }
         }
         self.tracer.finish_detaching();
         Ok(())
     }
 
+    /// Waits until `due`, discovering whenever something wakes the agent (at most every
+    /// [`MIN_DISCOVERY_GAP`]) and when a quick retry is due; false when told to stop.
+    fn wait_until(&mut self, due: Instant) -> bool {
+        let mut quiet_until = Instant::now();
+        let mut pending = false;
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                return true;
+            }
+            let retry = self
+                .failures
+                .values()
+                .map(|f| f.retry_at.max(quiet_until))
+                .min()
+                .filter(|at| *at < due);
+            let mut until = due;
+            if pending {
+                until = until.min(quiet_until);
+            }
+            if let Some(at) = retry {
+                until = until.min(at);
+            }
+            match self
+                .wake_rx
+                .recv_timeout(until.saturating_duration_since(now))
+            {
+                Ok(Wake::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Ok(Wake::Discover) => {
+                    if !pending {
+                        quiet_until = quiet_until.max(Instant::now() + EXEC_SETTLE);
+                    }
+                    pending = true;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            let retry_due = retry.is_some_and(|at| now >= at);
+            if (pending || retry_due) && now >= quiet_until {
+                pending = false;
+                self.discover_between_ticks();
+                quiet_until = Instant::now() + MIN_DISCOVERY_GAP;
+            }
+        }
+    }
+
+    /// Discovery woken by an event: like a tick's, but the always-on tier is not run (it
+    /// samples once per interval), so escalation stays as the last tick left it.
+    fn discover_between_ticks(&mut self) {
+        let (mut wanted, watched) = self.wanted();
+        if self.escalating
+            && let Some(hierarchy) = &self.hierarchy
+        {
+            let mut ids: HashMap<String, Option<u64>> = HashMap::new();
+            wanted.retain(|_, path| {
+                let id = *ids
+                    .entry(path.clone())
+                    .or_insert_with(|| hierarchy.id(path).ok());
+                id.is_some_and(|id| self.escalation.is_escalated(id))
+            });
+        }
+        self.discover(wanted, &watched);
+    }
+
     /// One interval: discover, read, detect, publish.
     pub fn tick(&mut self) -> Result<()> {
-        let wanted = self.wanted();
+        let (wanted, watched) = self.wanted();
         let wanted = self.observe_growth(wanted);
-        self.discover(wanted);
+        self.discover(wanted, &watched);
+        if let Some(lifecycle) = &self.lifecycle {
+            let drops = lifecycle.dropped();
+            self.metrics
+                .dropped_events
+                .with_label_values(&["lifecycle_ring_full"])
+                .inc_by(drops.saturating_sub(self.last_lifecycle_drops));
+            self.last_lifecycle_drops = drops;
+        }
+        if let Ok((traced, totals)) = self.tracer.process_entries() {
+            let entries = &self.metrics.map_entries;
+            entries.with_label_values(&["traced"]).set(traced as i64);
+            entries.with_label_values(&["usage_all"]).set(totals as i64);
+        }
         let tgids: HashSet<u32> = self.processes.keys().copied().collect();
         match self.tracer.sweep_freed(false) {
             Ok(sweep) if sweep.deleted > 0 => {
@@ -278,18 +426,25 @@ impl Agent {
         Ok(())
     }
 
-    /// The processes that should be traced now, with their cgroup paths.
-    fn wanted(&self) -> BTreeMap<u32, String> {
+    /// The processes that should be traced now, with their cgroup paths; and the cgroups
+    /// in (and below) which an exec must wake discovery.
+    fn wanted(&self) -> (BTreeMap<u32, String>, Vec<String>) {
         let mut wanted = BTreeMap::new();
+        let mut watched = Vec::new();
         for &pid in &self.args.pid {
             if process::exists(pid) {
                 wanted.insert(pid, cgroup::of_process(pid).unwrap_or_default());
             }
         }
+        if let (Some(pods), Some(hierarchy)) = (&self.pods, &self.hierarchy) {
+            pods.wanted(hierarchy, &mut wanted);
+            watched.extend(crate::pods::roots(&hierarchy.mount));
+        }
         if let Some(hierarchy) = &self.hierarchy
             && !self.patterns.is_empty()
         {
             for path in hierarchy.matching(&self.patterns) {
+                watched.push(path.clone());
                 for pid in hierarchy.processes(&path).unwrap_or_default() {
                     wanted.insert(pid, path.clone());
                 }
@@ -297,7 +452,7 @@ impl Agent {
         }
         // Never trace ourselves: our own allocations would feed our own maps.
         wanted.remove(&std::process::id());
-        wanted
+        (wanted, watched)
     }
 
     /// Runs the always-on tier over every wanted process and moves escalation along;
@@ -316,10 +471,15 @@ impl Agent {
                     Err(_) => continue, // The cgroup went away meanwhile.
                 },
             };
-            let labels = ContainerLabels {
-                container: path.clone(),
-                ..Default::default()
-            };
+            // On Kubernetes, the container's pod as the API knows it now.
+            let labels = self
+                .pods
+                .as_ref()
+                .and_then(|pods| pods.labels(path))
+                .unwrap_or_else(|| ContainerLabels {
+                    container: path.clone(),
+                    ..Default::default()
+                });
             watched.insert(*pid, (id, labels));
         }
         let dirs: HashMap<u64, std::path::PathBuf> = ids
@@ -396,27 +556,51 @@ impl Agent {
             .collect()
     }
 
-    fn discover(&mut self, wanted: BTreeMap<u32, String>) {
-        let gone: Vec<u32> = self
+    /// Attaches to the wanted processes that are not traced yet, lets go of gone ones, and
+    /// watches `watched` cgroups (and below) for execs and forks.
+    fn discover(&mut self, wanted: BTreeMap<u32, String>, watched: &[String]) {
+        let events = self
+            .lifecycle
+            .as_ref()
+            .map(Lifecycle::take)
+            .unwrap_or_default();
+        if let (Some(lifecycle), Some(hierarchy)) = (&mut self.lifecycle, &self.hierarchy) {
+            let ids = watched
+                .iter()
+                .filter_map(|p| hierarchy.id(p).ok())
+                .collect();
+            lifecycle.watch(&ids);
+        }
+        // A traced process that exec'd runs a new image: its old heap is gone and its
+        // libc may be another file; it is attached anew below.
+        let gone: HashSet<u32> = self
             .processes
             .keys()
             .copied()
-            .filter(|pid| !wanted.contains_key(pid) || !process::exists(*pid))
+            .filter(|pid| {
+                let exec_since_attach = events
+                    .execs
+                    .get(pid)
+                    .is_some_and(|&at| at > self.processes[pid].attached_ns);
+                !wanted.contains_key(pid) || exec_since_attach || !process::exists(*pid)
+            })
             .collect();
         let now = Instant::now();
         self.over_budget
             .retain(|pid, until| now < *until && wanted.contains_key(pid));
-        for pid in gone {
+        for &pid in &gone {
             if let Some(budget) = &mut self.budget {
                 budget.forget(pid);
             }
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
-            if let Err(e) = self.tracer.forget(pid) {
-                log::warn!("freeing the map entries of pid {pid}: {e:#}");
-            }
-            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
             log::info!("pid {pid}: detached");
+        }
+        if !gone.is_empty() {
+            if let Err(e) = self.tracer.forget_all(&gone) {
+                log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
+            }
+            self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         for (pid, path) in wanted {
@@ -438,16 +622,29 @@ impl Agent {
                     let failure = self.failures.entry(pid).or_insert(Failure {
                         retry_at: now,
                         attempts: 0,
+                        first: now,
+                        logged: false,
                     });
-                    if failure.attempts == 0 {
-                        log::warn!("cannot trace pid {pid}: {e:#} (will retry)");
-                    }
                     failure.attempts += 1;
-                    // Back off: 1, 2, 4 ... up to 64 intervals.
-                    failure.retry_at = now + self.args.interval * (1 << failure.attempts.min(6));
+                    let young = now.duration_since(failure.first) < QUICK_RETRY_AGE;
+                    failure.retry_at = if young && failure.attempts <= QUICK_RETRIES {
+                        now + QUICK_RETRY * (1 << (failure.attempts - 1))
+                    } else {
+                        // Logged once: when quick retries end (or at once when there were none).
+                        if !failure.logged {
+                            failure.logged = true;
+                            log::warn!("cannot trace pid {pid}: {e:#} (will retry)");
+                        }
+                        // Back off: 1, 2, 4 ... up to 64 intervals.
+                        now + self.args.interval * (1 << failure.attempts.min(6))
+                    };
                 }
             }
         }
+        // Probes of a libc file nobody uses any more go after a grace period: a process
+        // that comes back soon (an exec, a restart) reuses them.
+        self.tracer
+            .detach_idle((self.args.interval * 3).clamp(IDLE_GRACE_MIN, IDLE_GRACE_MAX));
         self.metrics
             .traced_processes
             .set(self.processes.len() as i64);
@@ -457,6 +654,7 @@ impl Agent {
     }
 
     fn attach(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+        let attached_ns = (monotonic_ms() * 1e6) as u64;
         let libc = process::libc_of_running(pid)?;
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
@@ -476,7 +674,9 @@ impl Agent {
         Ok(TracedProcess {
             resolver,
             cgroup_id,
+            cgroup_path: cgroup_path.to_owned(),
             labels,
+            attached_ns,
         })
     }
 
@@ -574,12 +774,20 @@ impl Agent {
         }
     }
 
-    /// Labels per cgroup id, from the traced processes in each (read once per interval).
+    /// Labels per cgroup id, from the traced processes in each (read once per interval):
+    /// on Kubernetes, a container's pod as the API knows it now (so a container traced
+    /// under its id is relabelled when its pod appears).
     fn labels_by_cgroup(&self) -> HashMap<u64, ContainerLabels> {
-        self.processes
-            .values()
-            .map(|p| (p.cgroup_id, p.labels.clone()))
-            .collect()
+        let mut labels = HashMap::new();
+        for p in self.processes.values() {
+            labels.entry(p.cgroup_id).or_insert_with(|| {
+                self.pods
+                    .as_ref()
+                    .and_then(|pods| pods.labels(&p.cgroup_path))
+                    .unwrap_or_else(|| p.labels.clone())
+            });
+        }
+        labels
     }
 
     fn sum_stacks(&self, snapshot: &Snapshot) -> HashMap<(u64, String), StackSum> {
@@ -607,6 +815,7 @@ impl Agent {
         sums: HashMap<(u64, String), StackSum>,
         labels: &HashMap<u64, ContainerLabels>,
     ) {
+        self.relabel(labels);
         let t = self.started.elapsed().as_secs_f64();
         let now_ms = monotonic_ms();
         let mut seen: HashSet<(u64, String)> = HashSet::new();
@@ -681,6 +890,36 @@ impl Agent {
             }
             keep
         });
+    }
+
+    /// Moves containers whose labels changed (their pod became known) to the new labels,
+    /// retiring the series under the old ones.
+    fn relabel(&mut self, labels: &HashMap<u64, ContainerLabels>) {
+        for (cgroup_id, container) in &mut self.containers {
+            let Some(new) = labels.get(cgroup_id) else {
+                continue;
+            };
+            if *new == container.labels {
+                continue;
+            }
+            log::info!(
+                "container {} is {}/{}/{}",
+                container.labels.container,
+                new.namespace,
+                new.pod,
+                new.container
+            );
+            self.metrics.retire_container(&container.labels);
+            for (stack_id, state) in &mut container.stacks {
+                if state.published {
+                    let values = container.labels.with_stack(stack_id, &state.site);
+                    let _ = self.metrics.leak_suspicion.remove_label_values(&values);
+                    let _ = self.metrics.leak_growth.remove_label_values(&values);
+                    state.published = false;
+                }
+            }
+            container.labels = new.clone();
+        }
     }
 
     fn publish(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
@@ -925,6 +1164,32 @@ fn make_room(
     }
     metrics.evicted_stacks.inc();
     true
+}
+
+/// Starts watching this node's pods when running with Kubernetes (`--kubeconfig`, or in a
+/// pod); pod changes wake discovery.
+fn start_pods(
+    args: &AgentArgs,
+    metrics: &Metrics,
+    wake: mpsc::Sender<Wake>,
+) -> Result<Option<PodDiscovery>> {
+    let policy = Policy::new(
+        &args.namespace,
+        &args.exclude_namespace,
+        args.pod_selector.as_deref(),
+        args.trace_default,
+    )?;
+    let options = k8s::Options {
+        kubeconfig: args.kubeconfig.clone(),
+        node_name: args
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok()),
+    };
+    let notify = move || {
+        let _ = wake.send(Wake::Discover);
+    };
+    PodDiscovery::start(&options, policy, &metrics.registry, Box::new(notify))
 }
 
 /// CLOCK_MONOTONIC in ms: the clock of `bpf_ktime_get_ns`.

@@ -16,6 +16,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only move the bytes"
+)]
 pub enum Command {
     /// Trace one process and show the stacks holding its outstanding memory.
     #[command(after_help = TOP_EXAMPLES)]
@@ -31,7 +35,8 @@ const AGENT_EXAMPLES: &str = "\
 EXAMPLES:
     memtrace agent --cgroup 'system.slice/*.service'      every service of the host
     memtrace agent --pid 1234 --interval 5s --window 10m
-    MEMTRACE_CGROUP='kubepods.slice/**' memtrace agent    the DaemonSet way
+    memtrace agent --kubeconfig ~/.kube/config --node-name n1 --exclude-namespace 'kube-*'
+    NODE_NAME=n1 memtrace agent       in a pod: every selected container of the node
 ";
 
 /// `10s`, `500ms`, `30m`, `1h`, or plain seconds.
@@ -109,6 +114,42 @@ pub struct AgentArgs {
     /// Capacity of the kernel's stack-trace map (distinct call stacks; ~1 KiB each).
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
+
+    /// Watch this node's pods through the API server of this kubeconfig file (otherwise
+    /// in-cluster config when running in a pod, or no Kubernetes at all).
+    #[arg(long, env = "MEMTRACE_KUBECONFIG", help_heading = "Kubernetes")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// This node's name [default: $NODE_NAME, which the DaemonSet sets to `spec.nodeName`;
+    /// else the host name].
+    #[arg(long, env = "MEMTRACE_NODE_NAME", help_heading = "Kubernetes")]
+    pub node_name: Option<String>,
+
+    /// Trace only pods of namespaces matching these globs (repeatable).
+    #[arg(
+        long,
+        env = "MEMTRACE_NAMESPACE",
+        value_delimiter = ',',
+        help_heading = "Kubernetes"
+    )]
+    pub namespace: Vec<String>,
+
+    /// Never trace pods of namespaces matching these globs (repeatable).
+    #[arg(
+        long,
+        env = "MEMTRACE_EXCLUDE_NAMESPACE",
+        value_delimiter = ',',
+        help_heading = "Kubernetes"
+    )]
+    pub exclude_namespace: Vec<String>,
+
+    /// Trace only pods whose labels match this selector (`app=web,tier in (a,b),!canary`).
+    #[arg(long, env = "MEMTRACE_POD_SELECTOR", help_heading = "Kubernetes")]
+    pub pod_selector: Option<String>,
+
+    /// Pods without a `memtrace.io/trace` annotation: traced (`all`) or not (`opt-in`).
+    #[arg(long, env = "MEMTRACE_TRACE_DEFAULT", value_enum, default_value_t = crate::policy::TraceDefault::All, help_heading = "Kubernetes")]
+    pub trace_default: crate::policy::TraceDefault,
 
     /// CPU budget: the most the allocator probes may cost a traced process, in percent of
     /// its own CPU time (estimated from its calls and `memtrace calibrate`'s per-call

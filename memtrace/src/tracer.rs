@@ -165,6 +165,12 @@ pub struct Tracer {
     /// The traced processes using each shared set of probes.
     shared_users: HashMap<FileId, HashSet<u32>>,
     pid_files: HashMap<u32, FileId>,
+    /// Shared sets whose last user went, and since when: detached by
+    /// [`Tracer::detach_idle`], so that a process that comes right after (an exec, a
+    /// restart) reuses them instead of re-attaching while the kernel still removes them
+    /// (new probes on a file whose old ones are being removed missed events for a second
+    /// or two here).
+    idle_since: HashMap<FileId, std::time::Instant>,
     /// The thread closing detached links, and its channel.
     detacher: Option<(
         std::sync::mpsc::Sender<UProbeLink>,
@@ -211,6 +217,7 @@ impl Tracer {
             links: HashMap::new(),
             shared_users: HashMap::new(),
             pid_files: HashMap::new(),
+            idle_since: HashMap::new(),
             detacher: None,
         })
     }
@@ -260,11 +267,12 @@ impl Tracer {
         }
         self.shared_users.entry(file).or_default().insert(pid);
         self.pid_files.insert(pid, file);
+        self.idle_since.remove(&file);
         Ok(())
     }
 
-    /// Stops tracing `pid`, attached by either way: its own probes are detached, and a
-    /// shared set when its last user goes.
+    /// Stops tracing `pid`, attached by either way: its own probes are detached; a shared
+    /// set whose last user goes is left for [`Tracer::detach_idle`].
     pub fn untrace(&mut self, pid: u32) {
         self.untrace_pid(pid);
         self.detach_owner(Owner::Process(pid));
@@ -272,9 +280,24 @@ impl Tracer {
             let users = self.shared_users.entry(file).or_default();
             users.remove(&pid);
             if users.is_empty() {
-                self.shared_users.remove(&file);
-                self.detach_owner(Owner::File(file));
+                self.idle_since.insert(file, std::time::Instant::now());
             }
+        }
+    }
+
+    /// Detaches the shared sets that have had no user for `grace` or longer.
+    pub fn detach_idle(&mut self, grace: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let idle: Vec<FileId> = self
+            .idle_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .map(|(file, _)| *file)
+            .collect();
+        for file in idle {
+            self.idle_since.remove(&file);
+            self.shared_users.remove(&file);
+            self.detach_owner(Owner::File(file));
         }
     }
 
@@ -432,6 +455,13 @@ impl Tracer {
 
     /// Deletes everything the maps hold about process `tgid` (after it exited).
     pub fn forget(&mut self, tgid: u32) -> Result<()> {
+        self.forget_all(&HashSet::from([tgid]))
+    }
+
+    /// [`Tracer::forget`] for several processes at once: one pass over each map, however
+    /// many processes exited (short-lived processes come and go by the hundred).
+    pub fn forget_all(&mut self, tgids: &HashSet<u32>) -> Result<()> {
+        let gone = |tgid: u32| tgids.contains(&tgid);
         fn purge<K: aya::Pod, V: aya::Pod>(
             map: &mut aya::maps::Map,
             belongs: impl Fn(&K) -> bool,
@@ -448,31 +478,31 @@ impl Tracer {
             }
             Ok(())
         }
-        purge::<UsageKey, Usage>(self.map_mut(maps::USAGE)?, |k| k.tgid == tgid)?;
+        purge::<UsageKey, Usage>(self.map_mut(maps::USAGE)?, |k| gone(k.tgid))?;
         let mut totals: PerCpuHashMap<&mut MapData, ProcessKey, ProcessTotals> =
             PerCpuHashMap::try_from(self.map_mut(maps::PROCESS_TOTALS)?)?;
         let doomed: Vec<ProcessKey> = totals
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
+            .filter(|k| gone(k.tgid))
             .collect();
         for key in doomed {
             let _ = totals.remove(&key);
         }
-        self.purge_allocs(tgid)?;
-        purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
-        purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
+        self.purge_allocs(tgids)?;
+        purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| gone(k.tgid))?;
+        purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| gone((k >> 32) as u32))?;
         Ok(())
     }
 
     /// Deletes the `ALLOCS` entries of `tgid`, noting how many were freed entries.
-    fn purge_allocs(&mut self, tgid: u32) -> Result<()> {
+    fn purge_allocs(&mut self, tgids: &HashSet<u32>) -> Result<()> {
         let mut allocs: BpfHashMap<&mut MapData, AllocKey, AllocInfo> =
             BpfHashMap::try_from(self.map_mut(maps::ALLOCS)?)?;
         let doomed: Vec<AllocKey> = allocs
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
+            .filter(|k| tgids.contains(&k.tgid))
             .collect();
         let mut freed = 0;
         for key in doomed {
@@ -595,6 +625,16 @@ impl Tracer {
         self.ebpf
             .map(name)
             .with_context(|| format!("the BPF object has no map {name}"))
+    }
+
+    /// Entries of the per-process maps, whoever they belong to: `TRACED`, and `USAGE` (a
+    /// process's stacks, which carry its totals), so that entries left behind by gone
+    /// processes show.
+    pub fn process_entries(&self) -> Result<(usize, usize)> {
+        let traced: BpfHashMap<&MapData, u32, u32> = BpfHashMap::try_from(self.map(maps::TRACED)?)?;
+        let usage: BpfHashMap<&MapData, UsageKey, Usage> =
+            BpfHashMap::try_from(self.map(maps::USAGE)?)?;
+        Ok((traced.keys().count(), usage.keys().count()))
     }
 }
 

@@ -130,7 +130,12 @@ impl Watch {
         }
         let t = self.started.elapsed().as_secs_f64();
         for (&pid, (cgroup_id, labels)) in wanted {
-            if self.containers.contains_key(cgroup_id) {
+            if let Some(container) = self.containers.get_mut(cgroup_id) {
+                // Relabelled (its pod became known): the series moves to the new labels.
+                if container.labels != *labels {
+                    metrics.retire_watched(&container.labels);
+                    container.labels = labels.clone();
+                }
                 continue;
             }
             match tracer.watch_cgroup(*cgroup_id) {

@@ -43,8 +43,15 @@ fn agent_attach_errors() {
         },
     );
     assert!(errors >= 3.0);
-    let stderr = agent.stderr();
     let pid = static_proc.pid().to_string();
+    // Logged when the quick retries of a just-started process are over.
+    agent.proc.wait_for_line(
+        Stream::Stderr,
+        "`cannot trace pid` line",
+        WAIT_TIMEOUT,
+        |l| l.contains("cannot trace pid") && l.contains(&pid),
+    );
+    let stderr = agent.stderr();
     let logged = stderr
         .lines()
         .filter(|l| l.contains("cannot trace pid") && l.contains(&pid))

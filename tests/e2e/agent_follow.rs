@@ -173,7 +173,7 @@ fn agent_follows_processes() {
     // The last one exits.
     drop(b);
     let b_gone = std::time::Instant::now();
-    let retired = agent.wait_for(
+    agent.wait_for(
         &format!(
             "memtrace_traced_processes == 0 and no series of {}",
             cg.label
@@ -182,15 +182,15 @@ fn agent_follows_processes() {
         |s| {
             (s.value("memtrace_traced_processes", &[]) == Some(0.0)
                 && s.lines_of_container(&cg.label).is_empty())
-            .then(|| s.clone())
+            .then_some(())
         },
     );
     eprintln!("follow: last process retired after {:?}", b_gone.elapsed());
-    assert_eq!(
-        retired.value("memtrace_attached_probes", &[]),
-        Some(0.0),
-        "no process traced any more, but probes are still attached\n{}",
-        retired.memtrace_lines()
+    // The probes go after a grace period (three intervals), in case a process comes back.
+    agent.wait_for(
+        "memtrace_attached_probes == 0 with no process traced",
+        FEW_INTERVALS,
+        |s| (s.value("memtrace_attached_probes", &[]) == Some(0.0)).then_some(()),
     );
     assert!(
         agent.suspects().iter().all(|s| s.container != cg.label),

@@ -103,6 +103,17 @@ impl TestCgroups {
         self.children.push(cgroup.clone());
         cgroup
     }
+
+    /// Creates `<root>/<path>` unless it exists (its parent must), tracked for removal.
+    pub fn create_all(&mut self, path: &str) -> Cgroup {
+        if self.root.dir.join(path).exists() {
+            return Cgroup {
+                dir: self.root.dir.join(path),
+                label: format!("{}/{path}", self.root.label),
+            };
+        }
+        self.create(path)
+    }
 }
 
 impl Drop for TestCgroups {
@@ -275,6 +286,14 @@ const AGENT_ENV: &[&str] = &[
     "MEMTRACE_SAMPLE_BYTES",
     "MEMTRACE_MAX_ALLOCATIONS",
     "MEMTRACE_MAX_STACK_TRACES",
+    "MEMTRACE_KUBECONFIG",
+    "MEMTRACE_NODE_NAME",
+    "MEMTRACE_NAMESPACE",
+    "MEMTRACE_EXCLUDE_NAMESPACE",
+    "MEMTRACE_POD_SELECTOR",
+    "MEMTRACE_TRACE_DEFAULT",
+    "NODE_NAME",
+    "KUBERNETES_SERVICE_HOST",
     "MEMTRACE_MAX_OVERHEAD",
     "MEMTRACE_BUDGET_RETRY",
     "MEMTRACE_PROBES",

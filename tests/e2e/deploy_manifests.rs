@@ -255,16 +255,19 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         Some("spec.nodeName"),
         "{what}: NODE_NAME must come from the downward API"
     );
-    let cgroups = env
-        .get("MEMTRACE_CGROUP")
+    // Pods are selected by the agent's pod policy; --cgroup would bypass it.
+    assert!(
+        !env.contains_key("MEMTRACE_CGROUP"),
+        "{what}: MEMTRACE_CGROUP bypasses the pod policy"
+    );
+    let default = env
+        .get("MEMTRACE_TRACE_DEFAULT")
         .and_then(|e| e.value.as_deref())
-        .unwrap_or_else(|| panic!("{what}: no MEMTRACE_CGROUP"));
-    for pattern in ["kubepods.slice/**", "kubepods/**"] {
-        assert!(
-            cgroups.split(',').any(|p| p == pattern),
-            "{what}: MEMTRACE_CGROUP {cgroups:?} lacks {pattern}"
-        );
-    }
+        .unwrap_or_else(|| panic!("{what}: no MEMTRACE_TRACE_DEFAULT"));
+    assert!(
+        ["all", "opt-in"].contains(&default),
+        "{what}: MEMTRACE_TRACE_DEFAULT {default:?}"
+    );
     // Every MEMTRACE_* variable must be one the agent reads.
     for name in env.keys().filter(|n| n.starts_with("MEMTRACE_")) {
         assert!(
@@ -282,6 +285,12 @@ fn check_daemonset(dir: &str, r: &Rendered) {
                 "MEMTRACE_MAX_ALLOCATIONS",
                 "MEMTRACE_MAX_STACK_TRACES",
                 "MEMTRACE_LOG",
+                "MEMTRACE_KUBECONFIG",
+                "MEMTRACE_NODE_NAME",
+                "MEMTRACE_NAMESPACE",
+                "MEMTRACE_EXCLUDE_NAMESPACE",
+                "MEMTRACE_POD_SELECTOR",
+                "MEMTRACE_TRACE_DEFAULT",
             ]
             .contains(name),
             "{what}: {name} is not an agent setting"

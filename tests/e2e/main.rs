@@ -9,6 +9,7 @@
 
 mod agent_util;
 mod deploy_util;
+mod pods_util;
 mod prometheus;
 mod util;
 
@@ -32,6 +33,9 @@ mod growth;
 mod isolation;
 mod munmap;
 mod nested;
+mod pods_churn;
+mod pods_labels;
+mod pods_libc;
 mod realloc;
 mod sampling;
 mod threads;

@@ -77,7 +77,7 @@ fn fixture_src_dir() -> PathBuf {
 /// Every dynamically linked fixture, compiled once per test run.
 const FIXTURES: &[&str] = &[
     "baseline", "exact", "realloc", "munmap", "nested", "threads", "waiter", "sampling", "shapes",
-    "busy", "pages",
+    "busy", "churn", "pages",
 ];
 
 struct FixtureDir {
