@@ -173,6 +173,9 @@ pub struct Agent {
     budget: Option<Budget>,
     /// Processes detached for their budget, and when they may be traced again.
     over_budget: HashMap<u32, Instant>,
+    /// Containers with a published `memtrace_overhead_ratio`, removed once no process of
+    /// theirs has probes (a stale ratio would alert forever).
+    overhead_published: HashMap<u64, ContainerLabels>,
     /// The always-on tier (`None` when the kernel cannot run it).
     watch: Option<Watch>,
     escalation: Escalation,
@@ -219,12 +222,13 @@ impl Agent {
         };
         // Calibrated in the background (attaching and detaching takes seconds); the
         // budget judges nobody until the figures are in.
+        let sample_bytes = args.sample_bytes;
         let calibration = (args.max_overhead > 0.0).then(|| {
             let (send, receive) = mpsc::channel();
             std::thread::Builder::new()
                 .name("memtrace-calibrate".into())
                 .spawn(move || {
-                    let _ = send.send(calibrate::measure());
+                    let _ = send.send(calibrate::measure(sample_bytes));
                 })
                 .map(|_| receive)
         });
@@ -240,13 +244,23 @@ impl Agent {
             }
             None => None,
         };
+        // With escalation the exact tier sees a container for --escalate-for at a time:
+        // its stacks are judged over that much, or they could never cover the window.
+        let exact_window = match args.probes {
+            ProbeMode::Escalate => args.window.min(args.escalate_for),
+            ProbeMode::Always => args.window,
+        };
         let detector = DetectorConfig {
-            window: args.window,
+            window: exact_window,
             max_points: args.max_points,
             threshold: args.threshold,
         };
+        let watch_detector = DetectorConfig {
+            window: args.window,
+            ..detector.clone()
+        };
         let watch = match (tracer.enable_growth(), &hierarchy) {
-            (Ok(()), Some(_)) => Some(Watch::new(detector.clone())),
+            (Ok(()), Some(_)) => Some(Watch::new(watch_detector)),
             (Ok(()), None) => {
                 log::warn!("the always-on tier needs a cgroup v2 hierarchy: it is off");
                 None
@@ -287,6 +301,7 @@ impl Agent {
             calibration,
             budget: None,
             over_budget: HashMap::new(),
+            overhead_published: HashMap::new(),
             watch,
             escalating,
             frozen: HashSet::new(),
@@ -740,10 +755,12 @@ impl Agent {
             *worst = worst.max(ratio);
         }
         for (cgroup_id, ratio) in worst {
+            let labels = labels_of(labels, cgroup_id);
             self.metrics
                 .overhead_ratio
-                .with_label_values(&labels_of(labels, cgroup_id).values())
+                .with_label_values(&labels.values())
                 .set(ratio);
+            self.overhead_published.insert(cgroup_id, labels);
         }
         let retry_at = Instant::now() + self.args.budget_retry;
         for (pid, cgroup_id, ratio) in over {
@@ -772,6 +789,15 @@ impl Agent {
                 .traced_processes
                 .set(self.processes.len() as i64);
         }
+        let probed: HashSet<u64> = self.processes.values().map(|p| p.cgroup_id).collect();
+        let metrics = &self.metrics;
+        self.overhead_published.retain(|cgroup_id, labels| {
+            let keep = probed.contains(cgroup_id);
+            if !keep {
+                let _ = metrics.overhead_ratio.remove_label_values(&labels.values());
+            }
+            keep
+        });
     }
 
     /// Labels per cgroup id, from the traced processes in each (read once per interval):

@@ -1,24 +1,28 @@
-//! What one traced allocator call costs on this machine: memtrace's probes are attached
-//! to memtrace's own process for a moment, and the same `malloc`s and `free`s are timed
-//! with and without them. The CPU budget turns probe hits into CPU time with these
-//! figures (`memtrace calibrate` prints them; the agent measures them at start).
+//! What one traced allocator call costs on this machine. memtrace's own allocator
+//! programs (`malloc_enter` and the return probe, `free_enter`) are attached, for a
+//! moment and to this process only, to two stand-in functions of memtrace's own binary
+//! that start with a `push` as glibc's `malloc` and `free` (past its NULL check) do, and
+//! the same calls are timed with and without them. The CPU budget turns probe hits into
+//! CPU time with these figures (`memtrace calibrate` prints them; the agent measures them
+//! at start).
 //!
-//! memtrace allocates with mimalloc, so only the calls made here reach libc's allocator.
-use std::{hint::black_box, time::Instant};
+//! Not libc's own functions: another tracer's uprobes there (or the agent's own shared
+//! ones) would already be paid in the untraced timing, and nobody else probes these.
+use std::{arch::naked_asm, hint::black_box, time::Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::{
-    process::own_libc,
+    process::MemoryMap,
     tracer::{Tracer, TracerOptions},
 };
 
 /// Calls timed per measurement, and measurements per mode (the fastest one counts).
 const CALLS: usize = 20_000;
-const ROUNDS: usize = 3;
-/// Block size of the timed calls: a small, tcache-served size, as most calls are.
-const BLOCK: usize = 64;
+const ROUNDS: usize = 5;
+/// What the stand-in malloc adds to its argument to make a block address (never 0).
+const FAKE_HEAP: usize = 0x1_0000;
 
 /// The extra cost of one traced call, in ns (traced minus untraced).
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -51,23 +55,58 @@ pub struct Calibration {
     pub cost: TrapCost,
 }
 
-/// Measures the cost of memtrace's exact-tier probes on this process's libc.
-pub fn measure() -> Result<Calibration> {
-    let libc = own_libc()?;
+/// A stand-in `malloc`: returns a distinct fake block per distinct argument. Starts with
+/// `push`, an instruction the kernel emulates under a uprobe, like glibc's `malloc`.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn memtrace_calibration_malloc(token: usize) -> usize {
+    naked_asm!(
+        "push rbp",
+        "mov rbp, rsp",
+        "lea rax, [rdi + {heap}]",
+        "pop rbp",
+        "ret",
+        heap = const FAKE_HEAP,
+    )
+}
+
+/// A stand-in `free`, starting with `push` like glibc's `free` where memtrace probes it.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn memtrace_calibration_free(block: usize) {
+    naked_asm!("push rbp", "mov rbp, rsp", "pop rbp", "ret")
+}
+
+/// Measures the cost of memtrace's exact-tier probes at `sample_bytes` (sampled-out
+/// blocks skip the stack walk: cheaper).
+pub fn measure(sample_bytes: u64) -> Result<Calibration> {
+    let pid = std::process::id();
+    let map = MemoryMap::read(pid)?;
+    let locate = |address: usize| {
+        map.to_file_offset(address as u64)
+            .map(|(mapping, offset)| (mapping.path.clone(), offset))
+            .context("memtrace's own code is not in its memory map")
+    };
+    let (binary, malloc_at) = locate(memtrace_calibration_malloc as *const () as usize)?;
+    let (_, free_at) = locate(memtrace_calibration_free as *const () as usize)?;
     let (untraced_alloc_ns, untraced_free_ns) = time_calls();
     // Attached from another thread while this one makes no call, so no call is caught
     // between its entry and return probes.
     let tracer = std::thread::scope(|scope| {
         scope
             .spawn(|| -> Result<Tracer> {
-                let mut tracer = Tracer::load(&TracerOptions::default())?;
-                tracer.attach_libc(std::process::id(), &libc)?;
+                let mut tracer = Tracer::load(&TracerOptions {
+                    sample_bytes,
+                    ..TracerOptions::default()
+                })?;
+                tracer.attach_at("malloc_enter", Some("alloc_exit"), &binary, malloc_at, pid)?;
+                tracer.attach_at("free_enter", None, &binary, free_at, pid)?;
                 Ok(tracer)
             })
             .join()
             .expect("the attaching thread does not panic")
     })
-    .context("attaching memtrace's probes to itself to calibrate")?;
+    .context("attaching memtrace's probes to its own stand-in allocator")?;
     let (traced_alloc_ns, traced_free_ns) = time_calls();
     drop(tracer);
     Ok(Calibration {
@@ -82,21 +121,20 @@ pub fn measure() -> Result<Calibration> {
     })
 }
 
-/// The fastest of `ROUNDS` timings of `CALLS` mallocs, then of their frees, per call.
+/// The fastest of `ROUNDS` timings of `CALLS` stand-in mallocs (distinct blocks, all
+/// live at once, as memtrace then keeps them), then of their frees, per call.
 fn time_calls() -> (f64, f64) {
-    let mut blocks: Vec<*mut libc::c_void> = Vec::with_capacity(CALLS);
+    let mut blocks: Vec<usize> = Vec::with_capacity(CALLS);
     let (mut alloc, mut free) = (f64::MAX, f64::MAX);
-    for _ in 0..ROUNDS {
+    for round in 0..ROUNDS {
         let started = Instant::now();
-        for _ in 0..CALLS {
-            // SAFETY: malloc with any size is sound; every block is freed below.
-            blocks.push(unsafe { libc::malloc(black_box(BLOCK)) });
+        for i in 0..CALLS {
+            blocks.push(memtrace_calibration_malloc(black_box(round * CALLS + i)));
         }
         alloc = alloc.min(started.elapsed().as_nanos() as f64 / CALLS as f64);
         let started = Instant::now();
         for block in blocks.drain(..) {
-            // SAFETY: each block came from malloc above and is freed once.
-            unsafe { libc::free(black_box(block)) };
+            memtrace_calibration_free(black_box(block));
         }
         free = free.min(started.elapsed().as_nanos() as f64 / CALLS as f64);
     }
@@ -104,9 +142,9 @@ fn time_calls() -> (f64, f64) {
 }
 
 /// `memtrace calibrate`: prints the figures.
-pub fn run(json: bool) -> Result<std::process::ExitCode> {
+pub fn run(json: bool, sample_bytes: u64) -> Result<std::process::ExitCode> {
     crate::preflight::check(std::path::Path::new("/sys"))?;
-    let calibration = measure()?;
+    let calibration = measure(sample_bytes)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&calibration)?);
     } else {

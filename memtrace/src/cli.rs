@@ -184,6 +184,10 @@ pub struct CalibrateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Calibrate at this byte-sampling rate (as the agent's --sample-bytes).
+    #[arg(long, env = "MEMTRACE_SAMPLE_BYTES", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample_bytes: u64,
 }
 
 const TOP_EXAMPLES: &str = "\
@@ -289,6 +293,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Top(args) => crate::top::run(args),
         Command::Agent(args) => crate::agent::run(args),
-        Command::Calibrate(args) => crate::calibrate::run(args.json),
+        Command::Calibrate(args) => crate::calibrate::run(args.json, args.sample_bytes),
     }
 }

@@ -219,7 +219,6 @@ impl Metrics {
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 
-    /// Forgets every series of a container that is gone.
     /// Removes the always-on tier's series of a container no longer watched.
     pub fn retire_watched(&self, labels: &ContainerLabels) {
         let values = labels.values();
@@ -229,6 +228,7 @@ impl Metrics {
         let _ = self.escalations.remove_label_values(&values);
     }
 
+    /// Forgets every series of a container that is gone.
     pub fn retire_container(&self, labels: &ContainerLabels) {
         let values = labels.values();
         let _ = self.outstanding_bytes.remove_label_values(&values);

@@ -369,6 +369,24 @@ impl Tracer {
         Ok(summary)
     }
 
+    /// Attaches one of memtrace's programs (and its return program, first) at `offset` of
+    /// `target`, in process `pid` only. For calibration: the allocator probes' programs
+    /// on stand-in functions.
+    pub(crate) fn attach_at(
+        &mut self,
+        entry: &'static str,
+        exit: Option<&'static str>,
+        target: &Path,
+        offset: u64,
+        pid: u32,
+    ) -> Result<()> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        if let Some(exit) = exit {
+            self.attach_program(exit, offset, target, scope, Owner::Process(pid))?;
+        }
+        self.attach_program(entry, offset, target, scope, Owner::Process(pid))
+    }
+
     fn attach_program(
         &mut self,
         name: &'static str,
