@@ -18,6 +18,8 @@
 // Map keys and values are passed by reference on purpose: copies cost BPF stack (512 B).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod python;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -230,6 +232,8 @@ fn walk_stack(sp: u64, fp: u64) -> u64 {
         fp = next;
     }
     frames.len = len as u32;
+    // A Python process: its interpreter frames are part of the stack.
+    let hash = python::extend_stack(hash);
     let id = if hash == NO_STACK { 1 } else { hash };
     if STACKS.get_ptr(&id).is_none()
         && STACKS.insert(&id, frames, BPF_NOEXIST as u64).is_err()

@@ -1,0 +1,417 @@
+//! CPython support: the Python frames of an allocating thread, the object allocator's own
+//! entry points (exact mode), its pool refills (growth mode), and garbage collections.
+//!
+//! A process userspace recognised as CPython 3.11–3.13 has a [`PyConfig`] in `PY_PROCS`:
+//! where `_PyRuntime` is and the offsets of its version. At each walked stack the thread
+//! state holding the GIL (the allocating thread must hold it to call the object allocator;
+//! checked against the thread id, with a bounded scan of the thread list as fallback) gives
+//! the innermost `_PyInterpreterFrame`, and the `previous` chain the rest. Each frame yields
+//! (code object, instruction offset); userspace reads names and line tables itself, from
+//! the process, once per code object. Everything is bounded: [`MAX_PY_DEPTH`] frames,
+//! [`MAX_THREADS_SCANNED`] thread states, one read per frame into a per-CPU scratch.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+use memtrace_common::{
+    AllocKind, ProcessKey, capacity,
+    python::{
+        FRAME_READ_BYTES, GC_BUCKETS, GC_FIRST_BUCKET_NS, GC_GENERATIONS, GcCall, GcKey, GcStats,
+        MAX_PY_DEPTH, MAX_THREADS_SCANNED, MAX_TSTATE_HOPS, NO_FIELD, PY_FRAME_ENTRY,
+        PY_FRAME_GENERATOR, PyConfig, PyCounter, PyFrame, PyStack,
+    },
+};
+
+use crate::{
+    ALLOCS, account_alloc, account_free, enter, enter_plain, enter_realloc, inside_allocator,
+    is_traced, mix, save, take, unmatched_free,
+};
+
+#[map]
+static PY_PROCS: HashMap<u32, PyConfig> = HashMap::with_max_entries(capacity::TRACED, 0);
+#[map]
+static PY_STACKS: HashMap<u64, PyStack> =
+    HashMap::with_max_entries(capacity::STACKS, BPF_F_NO_PREALLOC);
+#[map]
+static PY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static PY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PyCounter::COUNT, 0);
+#[map]
+static PY_GC_CALLS: LruHashMap<u64, GcCall> = LruHashMap::with_max_entries(capacity::THREADS, 0);
+#[map]
+static PY_GC: HashMap<GcKey, GcStats> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+#[map]
+static PY_LIVE: PerCpuHashMap<ProcessKey, i64> =
+    PerCpuHashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
+
+/// Per-CPU working space: the stack being built, and one frame's bytes.
+#[repr(C)]
+pub struct Scratch {
+    stack: PyStack,
+    /// 8-byte words so that fields at 8-aligned offsets are read without shifts.
+    frame: [u64; 16],
+}
+
+// One frame's read fits the scratch.
+const _: () = assert!(FRAME_READ_BYTES <= 16 * 8);
+
+#[inline(always)]
+fn count(counter: PyCounter) {
+    if let Some(slot) = PY_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and BPF programs do not preempt each other on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads the pointer at `address` in the current process.
+#[inline(always)]
+fn read_u64(address: u64) -> Option<u64> {
+    // SAFETY: the helper checks the address.
+    match unsafe { aya_ebpf::helpers::bpf_probe_read_user(address as *const u64) } {
+        Ok(value) => Some(value),
+        Err(_) => {
+            count(PyCounter::ReadFailed);
+            None
+        }
+    }
+}
+
+/// The word at byte `offset` of a frame read into `frame` (offsets are 8-aligned, < 64;
+/// userspace checks).
+#[inline(always)]
+fn word(frame: &[u64; 16], offset: u32) -> u64 {
+    frame[(offset as usize >> 3) & 7]
+}
+
+/// The byte at `offset` (< 128) of a frame read into `frame`.
+#[inline(always)]
+fn byte(frame: &[u64; 16], offset: u32) -> u32 {
+    ((frame[(offset as usize >> 3) & 15] >> ((offset & 7) * 8)) & 0xff) as u32
+}
+
+/// The thread state of the calling thread: the GIL holder if it is this thread, else the
+/// one in the main interpreter's thread list whose native id is this thread's.
+#[inline(always)]
+fn thread_state(config: &PyConfig, tid: u32) -> Option<u64> {
+    let mut pointer = config.runtime;
+    for i in 0..MAX_TSTATE_HOPS {
+        if i as u32 >= config.tstate_hop_count {
+            break;
+        }
+        pointer = read_u64(pointer + config.tstate_hops[i] as u64)?;
+        if pointer == 0 {
+            break;
+        }
+    }
+    if pointer != 0 && read_u64(pointer + config.native_thread_id as u64)? as u32 == tid {
+        return Some(pointer);
+    }
+    // `last_holder` is not cleared when the GIL is released: a caller without the GIL
+    // would see another thread's frames.
+    let interp = read_u64(config.runtime + config.interp_main as u64)?;
+    let mut tstate = read_u64(interp + config.threads_head as u64)?;
+    for _ in 0..MAX_THREADS_SCANNED {
+        if tstate == 0 {
+            break;
+        }
+        if read_u64(tstate + config.native_thread_id as u64)? as u32 == tid {
+            return Some(tstate);
+        }
+        tstate = read_u64(tstate + config.thread_next as u64)?;
+    }
+    None
+}
+
+/// Mixes the calling thread's Python frames into the stack hash `hash` and stores them in
+/// `PY_STACKS` under the resulting id. Processes without Python, and threads with no
+/// Python frame running, keep `hash`.
+#[inline(always)]
+pub fn extend_stack(hash: u64) -> u64 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(config) = PY_PROCS.get_ptr(&((id >> 32) as u32)) else {
+        return hash;
+    };
+    // SAFETY: a map value; userspace writes it only before the process is traced.
+    let config = unsafe { &*config };
+    let Some(scratch) = PY_SCRATCH.get_ptr_mut(0) else {
+        return hash;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not preempt each other on one CPU.
+    let scratch = unsafe { &mut *scratch };
+    let Some(tstate) = thread_state(config, id as u32) else {
+        count(PyCounter::ThreadNotFound);
+        return hash;
+    };
+    let mut frame = tstate;
+    for i in 0..2 {
+        if i as u32 >= config.frame_hop_count || frame == 0 {
+            break;
+        }
+        let Some(next) = read_u64(frame + config.frame_hops[i] as u64) else {
+            return hash;
+        };
+        frame = next;
+    }
+    let stack = &mut scratch.stack;
+    stack.len = 0;
+    stack.truncated = 0;
+    let mut len: usize = 0;
+    let mut hash = hash;
+    // Shim frames take a turn without adding a frame: allow a few more turns than frames.
+    for _ in 0..MAX_PY_DEPTH + 8 {
+        if frame == 0 {
+            break;
+        }
+        // SAFETY: the helper checks the source; the destination is this CPU's scratch.
+        let failed = unsafe {
+            bpf_probe_read_user(
+                scratch.frame.as_mut_ptr().cast(),
+                FRAME_READ_BYTES as u32,
+                frame as *const _,
+            )
+        } != 0;
+        if failed {
+            count(PyCounter::ReadFailed);
+            break;
+        }
+        let code = word(&scratch.frame, config.frame_code);
+        let instr = word(&scratch.frame, config.frame_instr);
+        let previous = word(&scratch.frame, config.frame_previous);
+        let owner = if config.frame_owner == NO_FIELD {
+            0
+        } else {
+            byte(&scratch.frame, config.frame_owner)
+        };
+        if config.owner_cstack != NO_FIELD && owner == config.owner_cstack {
+            // A C-stack shim: the frame above it was entered from C.
+            if len > 0
+                && let Some(above) = stack.frames.get_mut(len - 1)
+            {
+                above.flags |= PY_FRAME_ENTRY;
+            }
+        } else if code != 0 && code != config.skip_code[0] && code != config.skip_code[1] {
+            if len >= MAX_PY_DEPTH {
+                stack.truncated = 1;
+                count(PyCounter::Truncated);
+                break;
+            }
+            let mut flags = 0;
+            if config.frame_is_entry != NO_FIELD && byte(&scratch.frame, config.frame_is_entry) != 0
+            {
+                flags |= PY_FRAME_ENTRY;
+            }
+            if owner == 1 {
+                flags |= PY_FRAME_GENERATOR;
+            }
+            let instr_offset = instr.wrapping_sub(code) as i32;
+            if let Some(slot) = stack.frames.get_mut(len) {
+                *slot = PyFrame {
+                    code,
+                    instr_offset,
+                    flags,
+                };
+            }
+            hash = mix(hash, code);
+            hash = mix(hash, instr_offset as u32 as u64);
+            len += 1;
+        }
+        frame = previous;
+    }
+    if len == 0 {
+        return hash;
+    }
+    // The entry flags are set after a frame is hashed: hash them in now.
+    if let Some(last) = stack.frames.get(len - 1) {
+        hash = mix(hash, last.flags as u64);
+    }
+    stack.len = len as u32;
+    let id = if hash == 0 { 1 } else { hash };
+    if PY_STACKS.get_ptr(&id).is_none()
+        && PY_STACKS.insert(&id, stack, BPF_NOEXIST as u64).is_err()
+        && PY_STACKS.get_ptr(&id).is_none()
+    {
+        count(PyCounter::StacksFull);
+    }
+    id
+}
+
+/// Adds `delta` live blocks of the object allocator to the calling process.
+#[inline(always)]
+fn add_live_objects(tgid: u32, delta: i64) {
+    let key = ProcessKey {
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid,
+        _pad: 0,
+    };
+    match PY_LIVE.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value.
+        Some(live) => unsafe { *live += delta },
+        None => {
+            let _ = PY_LIVE.insert(&key, &delta, BPF_ANY as u64);
+        }
+    }
+}
+
+#[inline(always)]
+fn traced_tgid() -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    is_traced(tgid).then_some(tgid)
+}
+
+// Exact mode: pymalloc's entry points. They take the allocator context first, so every
+// argument is one register later than libc's. A large request goes on to libc's malloc
+// inside them: the per-thread depth guard counts it once, here.
+
+#[uprobe]
+pub fn py_malloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    if let Some(tgid) = traced_tgid()
+        && let Some(entry) = enter(&ctx, AllocKind::Plain, size)
+    {
+        save(&entry);
+        add_live_objects(tgid, 1);
+    }
+    0
+}
+
+#[uprobe]
+pub fn py_calloc_enter(ctx: ProbeContext) -> u32 {
+    let count: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    if let Some(tgid) = traced_tgid()
+        && let Some(entry) = enter(&ctx, AllocKind::Plain, crate::mul(count, size).unwrap_or(0))
+    {
+        save(&entry);
+        add_live_objects(tgid, 1);
+    }
+    0
+}
+
+#[uprobe]
+pub fn py_realloc_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    if ptr == 0
+        && let Some(tgid) = traced_tgid()
+    {
+        add_live_objects(tgid, 1);
+    }
+    enter_realloc(&ctx, ptr, Some(size));
+    0
+}
+
+/// `_PyObject_Free(ctx, p)`: removes the block, then marks the thread as inside the
+/// allocator until `alloc_exit` (attached to its return), so the libc `free` it makes for a
+/// large block is not counted a second time (as an unmatched free).
+#[uprobe]
+pub fn py_free_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(1).unwrap_or(0);
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: reading the saved registers of the probed task.
+    let sp = unsafe { (*ctx.regs).rsp };
+    if ptr == 0 || !is_traced(tgid) || inside_allocator(id, sp) {
+        return 0;
+    }
+    match take(&ALLOCS, tgid, ptr) {
+        Some(info) => {
+            account_free(&info, info.size, 0);
+            add_live_objects(tgid, -1);
+        }
+        None => unmatched_free(tgid),
+    }
+    guard_until_return(&ctx);
+    0
+}
+
+/// Enters the depth guard without recording anything: an mmap-kind call of size 0 makes
+/// `alloc_exit` record nothing at the return, and nested allocator calls are ignored.
+#[inline(always)]
+fn guard_until_return(ctx: &ProbeContext) {
+    enter_plain(ctx, AllocKind::Mmap, 0);
+}
+
+/// Growth mode: pymalloc takes a fresh pool (`allocate_from_new_pool`). Counted as one
+/// pool of growth at the Python stack that needed it; never freed (pymalloc returns
+/// pools to its free lists without a call to see). The arena it may map on the way
+/// (libc `mmap`) is inside the guard, so it is not counted a second time.
+#[uprobe]
+pub fn py_pool_refill_enter(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(config) = PY_PROCS.get_ptr(&tgid) else {
+        return 0;
+    };
+    // SAFETY: a map value.
+    let pool_bytes = unsafe { (*config).pool_bytes };
+    let Some(mut entry) = enter(&ctx, AllocKind::Mmap, pool_bytes) else {
+        return 0;
+    };
+    count(PyCounter::PoolRefills);
+    let mut info = entry.state.pending;
+    // SAFETY: helper without preconditions.
+    info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    account_alloc(&info);
+    entry.state.pending.size = 0;
+    save(&entry);
+    0
+}
+
+/// The collector's entry (`gc_collect_main(tstate, generation, ...)`).
+#[uprobe]
+pub fn py_gc_enter(ctx: ProbeContext) -> u32 {
+    let generation: u64 = ctx.arg(1).unwrap_or(0);
+    if traced_tgid().is_none() {
+        return 0;
+    }
+    let call = GcCall {
+        // SAFETY: helper without preconditions.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+        generation: generation as u32,
+        _pad: 0,
+    };
+    let _ = PY_GC_CALLS.insert(&bpf_get_current_pid_tgid(), &call, BPF_ANY as u64);
+    0
+}
+
+#[uretprobe]
+pub fn py_gc_exit(_ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(call) = PY_GC_CALLS.get_ptr(&id) else {
+        return 0;
+    };
+    // SAFETY: copied out before the remove.
+    let call = unsafe { *call };
+    let _ = PY_GC_CALLS.remove(&id);
+    // SAFETY: helper without preconditions.
+    let duration = unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.started_ns);
+    let key = GcKey {
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (id >> 32) as u32,
+        generation: call.generation.min(GC_GENERATIONS - 1),
+    };
+    if PY_GC.get_ptr(&key).is_none() {
+        let _ = PY_GC.insert(&key, &GcStats::default(), BPF_NOEXIST as u64);
+    }
+    let Some(stats) = PY_GC.get_ptr_mut(&key) else {
+        return 0;
+    };
+    // SAFETY: a map value; collections of one process are serialized by the GIL.
+    let stats = unsafe { &mut *stats };
+    stats.count += 1;
+    stats.duration_ns_sum += duration;
+    for i in 0..GC_BUCKETS {
+        if duration < GC_FIRST_BUCKET_NS << i {
+            stats.buckets[i] += 1;
+            break;
+        }
+    }
+    0
+}
