@@ -83,15 +83,10 @@ pub struct PyFrame {
     pub code: u64,
     /// The frame's instruction pointer minus `code`, in bytes (truncated to 32 bits).
     pub instr_offset: i32,
-    /// [`PY_FRAME_ENTRY`] and friends.
+    /// The frame's `owner` byte (bits 0–7) and `is_entry` byte (bits 8–15; 3.11), raw:
+    /// userspace tells shim frames and entries from C apart (no branch per frame in BPF).
     pub flags: u32,
 }
-
-/// The frame was entered from C: it is the outermost frame of one run of the evaluation
-/// loop (`_PyEval_EvalFrameDefault`), so native frames go between it and its caller.
-pub const PY_FRAME_ENTRY: u32 = 1;
-/// The frame's owner is a generator or coroutine.
-pub const PY_FRAME_GENERATOR: u32 = 2;
 
 /// The Python frames of one stack, innermost first.
 #[repr(C)]

@@ -23,8 +23,8 @@ use memtrace_common::{
     AllocKind, ProcessKey, capacity,
     python::{
         FRAME_READ_BYTES, GC_BUCKETS, GC_FIRST_BUCKET_NS, GC_GENERATIONS, GcCall, GcKey, GcStats,
-        MAX_PY_DEPTH, MAX_THREADS_SCANNED, MAX_TSTATE_HOPS, NO_FIELD, PY_FRAME_ENTRY,
-        PY_FRAME_GENERATOR, PyConfig, PyCounter, PyFrame, PyStack,
+        MAX_PY_DEPTH, MAX_THREADS_SCANNED, MAX_TSTATE_HOPS, NO_FIELD, PyConfig, PyCounter, PyFrame,
+        PyStack,
     },
 };
 
@@ -89,9 +89,12 @@ fn word(frame: &[u64; 16], offset: u32) -> u64 {
     frame[(offset as usize >> 3) & 7]
 }
 
-/// The byte at `offset` (< 128) of a frame read into `frame`.
+/// The byte at `offset` of a frame read into `frame`; 0 for [`NO_FIELD`].
 #[inline(always)]
 fn byte(frame: &[u64; 16], offset: u32) -> u32 {
+    if offset == NO_FIELD {
+        return 0;
+    }
     ((frame[(offset as usize >> 3) & 15] >> ((offset & 7) * 8)) & 0xff) as u32
 }
 
@@ -158,16 +161,17 @@ pub fn extend_stack(hash: u64) -> u64 {
         };
         frame = next;
     }
+    if frame == 0 {
+        return hash; // no Python frame running: a C-only allocation
+    }
     let stack = &mut scratch.stack;
-    stack.len = 0;
     stack.truncated = 0;
     let mut len: usize = 0;
     let mut hash = hash;
-    // Shim frames take a turn without adding a frame: allow a few more turns than frames.
-    for _ in 0..MAX_PY_DEPTH + 8 {
-        if frame == 0 {
-            break;
-        }
+    // Every frame takes a slot, shims included, and nothing but the end of the chain
+    // branches: userspace interprets owners and entry marks. (Branching per frame here
+    // multiplied the states the verifier explores past its limit.)
+    for i in 0..MAX_PY_DEPTH {
         // SAFETY: the helper checks the source; the destination is this CPU's scratch.
         let failed = unsafe {
             bpf_probe_read_user(
@@ -182,53 +186,29 @@ pub fn extend_stack(hash: u64) -> u64 {
         }
         let code = word(&scratch.frame, config.frame_code);
         let instr = word(&scratch.frame, config.frame_instr);
-        let previous = word(&scratch.frame, config.frame_previous);
-        let owner = if config.frame_owner == NO_FIELD {
-            0
-        } else {
-            byte(&scratch.frame, config.frame_owner)
-        };
-        if config.owner_cstack != NO_FIELD && owner == config.owner_cstack {
-            // A C-stack shim: the frame above it was entered from C.
-            if len > 0
-                && let Some(above) = stack.frames.get_mut(len - 1)
-            {
-                above.flags |= PY_FRAME_ENTRY;
-            }
-        } else if code != 0 && code != config.skip_code[0] && code != config.skip_code[1] {
-            if len >= MAX_PY_DEPTH {
-                stack.truncated = 1;
-                count(PyCounter::Truncated);
-                break;
-            }
-            let mut flags = 0;
-            if config.frame_is_entry != NO_FIELD && byte(&scratch.frame, config.frame_is_entry) != 0
-            {
-                flags |= PY_FRAME_ENTRY;
-            }
-            if owner == 1 {
-                flags |= PY_FRAME_GENERATOR;
-            }
-            let instr_offset = instr.wrapping_sub(code) as i32;
-            if let Some(slot) = stack.frames.get_mut(len) {
-                *slot = PyFrame {
-                    code,
-                    instr_offset,
-                    flags,
-                };
-            }
-            hash = mix(hash, code);
-            hash = mix(hash, instr_offset as u32 as u64);
-            len += 1;
+        let owner = byte(&scratch.frame, config.frame_owner);
+        let is_entry = byte(&scratch.frame, config.frame_is_entry);
+        let instr_offset = instr.wrapping_sub(code) as i32;
+        if let Some(slot) = stack.frames.get_mut(i) {
+            *slot = PyFrame {
+                code,
+                instr_offset,
+                flags: owner | is_entry << 8,
+            };
         }
-        frame = previous;
+        hash = mix(hash, code ^ ((instr_offset as u32 as u64) << 32));
+        len = i + 1;
+        frame = word(&scratch.frame, config.frame_previous);
+        if frame == 0 {
+            break;
+        }
+    }
+    if frame != 0 && len == MAX_PY_DEPTH {
+        stack.truncated = 1;
+        count(PyCounter::Truncated);
     }
     if len == 0 {
         return hash;
-    }
-    // The entry flags are set after a frame is hashed: hash them in now.
-    if let Some(last) = stack.frames.get(len - 1) {
-        hash = mix(hash, last.flags as u64);
     }
     stack.len = len as u32;
     let id = if hash == 0 { 1 } else { hash };

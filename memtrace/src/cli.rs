@@ -175,6 +175,12 @@ pub struct TopArgs {
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
 
+    /// CPython processes: `frames` puts Python frames in stacks; `growth` also counts
+    /// pymalloc's pool refills (cheap); `exact` also traces every object allocation
+    /// (a trap per object: for bounded investigations); `off` shows native stacks only.
+    #[arg(long, env = "MEMTRACE_PYTHON", value_enum, default_value_t = crate::python::PythonMode::Frames)]
+    pub python: crate::python::PythonMode,
+
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -16,6 +16,7 @@ pub mod placement;
 pub mod preflight;
 pub mod process;
 pub mod profile;
+pub mod python;
 pub mod report;
 pub mod symbolize;
 pub mod top;

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::{
     process::{self, FileId, MemoryMap},
+    python::{Layout, code::CodeReader, merge},
     symbolize::Symbolizer,
     tracer::{Snapshot, StackUsage},
 };
@@ -22,6 +23,9 @@ pub struct Report {
     pub sample_bytes: u64,
     pub totals: Totals,
     pub stacks: Vec<StackReport>,
+    /// CPython processes: version, mode, garbage collections, live objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<crate::python::session::PythonSummary>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,6 +105,9 @@ pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
 pub struct Resolver {
     pid: u32,
     map: MemoryMap,
+    /// CPython processes: their code objects, and the interpreter's path as the process
+    /// sees it.
+    python: Option<(CodeReader, String)>,
 }
 
 impl Resolver {
@@ -108,7 +115,17 @@ impl Resolver {
         Self {
             pid,
             map: MemoryMap::default(),
+            python: None,
         }
+    }
+
+    /// Puts this process's Python frames into its stacks: `interpreter` is the path of
+    /// the interpreter's file as the process maps it.
+    pub fn set_python(&mut self, layout: Layout, skip_code: [u64; 2], interpreter: &Path) {
+        self.python = Some((
+            CodeReader::new(self.pid, layout, skip_code),
+            interpreter.display().to_string(),
+        ));
     }
 
     pub fn pid(&self) -> u32 {
@@ -132,11 +149,17 @@ impl Resolver {
         stacks: impl IntoIterator<Item = &'a StackUsage>,
         symbolizer: &mut Symbolizer,
     ) {
-        let addresses: Vec<u64> = stacks
+        let stacks: Vec<&StackUsage> = stacks
             .into_iter()
             .filter(|s| s.key.tgid == self.pid)
-            .flat_map(return_addresses)
             .collect();
+        if let Some((reader, _)) = &mut self.python {
+            // Code objects are read from the live process, once each.
+            for frame in stacks.iter().flat_map(|s| &s.python) {
+                reader.learn(frame.code);
+            }
+        }
+        let addresses: Vec<u64> = stacks.into_iter().flat_map(return_addresses).collect();
         if self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()) {
             self.refresh_map();
         }
@@ -164,10 +187,17 @@ impl Resolver {
     /// The stack's id and frames, innermost first, from what [`Resolver::learn`] resolved.
     pub fn stack(&self, stack: &StackUsage, symbolizer: &Symbolizer) -> (String, Vec<Frame>) {
         let addresses = return_addresses(stack);
-        let frames = addresses
+        let frames: Vec<Frame> = addresses
             .iter()
             .map(|a| self.frame(*a, symbolizer))
             .collect();
+        if let Some((reader, interpreter)) = &self.python
+            && !stack.python.is_empty()
+        {
+            let python = merge::python_frames(reader, &stack.python);
+            let frames = merge::merge(frames, python, |f| f.module == *interpreter);
+            return (merge::stack_id(&frames), frames);
+        }
         (self.stack_id(&addresses), frames)
     }
 
@@ -257,6 +287,7 @@ pub fn process_report(
         sample_bytes,
         totals,
         stacks,
+        python: None,
     }
 }
 
@@ -371,6 +402,7 @@ mod tests {
             },
             usage: Default::default(),
             frames: vec![0x10, 0x20, 0, 0x30],
+            python: Vec::new(),
         };
         assert_eq!(return_addresses(&stack), vec![0x10, 0x20]);
     }

@@ -19,6 +19,7 @@ use crate::{
     elf::ElfFile,
     launch::{self, ChildEvent, TracedChild},
     preflight, process,
+    python::session::PythonTarget,
     report::{self, Resolver, Target},
     symbolize::Symbolizer,
     tracer::{Tracer, TracerOptions},
@@ -59,6 +60,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     };
 
     // Everything that can be checked about the target is checked before loading BPF.
+    let mut program_path = None;
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
@@ -71,6 +73,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
             let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
             // Not from /proc: the child has not exec'd yet.
             let command = args.command.join(" ");
+            program_path = Some(program.clone());
             (
                 Traced::Child(TracedChild::spawn(&program, rest)?),
                 libc,
@@ -132,6 +135,11 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         );
     }
 
+    let python = match &program_path {
+        Some(program) => PythonTarget::program(&mut tracer, pid, program, args.python),
+        None => PythonTarget::running(&mut tracer, &mut resolver, pid, args.python),
+    };
+
     install_interrupt_handler();
     if let Traced::Child(child) = &traced {
         child.resume();
@@ -140,6 +148,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         &args,
         &mut tracer,
         resolver,
+        python,
         traced,
         command,
         options.sample_bytes,
@@ -168,6 +177,7 @@ fn trace(
     args: &TopArgs,
     tracer: &mut Tracer,
     mut resolver: Resolver,
+    mut python: Option<PythonTarget>,
     traced: Traced,
     command: String,
     sample_bytes: u64,
@@ -215,6 +225,9 @@ fn trace(
                 std::thread::sleep(TICK);
             }
         }
+        if let Some(python) = python.as_mut().filter(|p| !p.is_configured()) {
+            python.poll(tracer, &mut resolver);
+        }
         if Instant::now() >= next_refresh {
             next_refresh += interval;
             let snapshot = tracer.snapshot(&tgids)?;
@@ -243,7 +256,7 @@ fn trace(
 
     let snapshot = tracer.snapshot(&tgids)?;
     resolver.learn(&snapshot.stacks, &mut symbolizer);
-    let report = report::process_report(
+    let mut report = report::process_report(
         &snapshot,
         &resolver,
         &symbolizer,
@@ -251,6 +264,9 @@ fn trace(
         started.elapsed().as_secs_f64(),
         sample_bytes,
     );
+    if let Some(python) = &python {
+        report.python = python.summary(tracer)?;
+    }
     if let Some(note) = exit_note {
         eprintln!("memtrace: {note}");
     }

@@ -22,6 +22,9 @@ use memtrace_common::{
 
 use crate::{elf::ElfFile, placement, process::FileId};
 
+mod python_maps;
+pub use python_maps::PythonStats;
+
 /// The BPF object built by `build.rs` (see `cargo xtask build-ebpf`).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace.bpf.o"));
 
@@ -133,6 +136,8 @@ pub struct StackUsage {
     /// Return addresses, innermost first, starting at the allocator's caller; empty when
     /// the stack was not walked.
     pub frames: Vec<u64>,
+    /// The Python frames running at that stack, innermost first (CPython processes).
+    pub python: Vec<memtrace_common::python::PyFrame>,
 }
 
 /// Everything memtrace knows at one instant.
@@ -148,6 +153,7 @@ pub struct Tracer {
     ebpf: Ebpf,
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
+    python_cache: HashMap<u64, Vec<memtrace_common::python::PyFrame>>,
     loaded: HashSet<&'static str>,
     /// Links per owner (a process, or a libc file shared by traced processes).
     links: HashMap<Owner, Vec<(&'static str, UProbeLinkId)>>,
@@ -186,11 +192,13 @@ impl Tracer {
             )
             .map_max_entries(maps::ALLOCS, options.max_allocations)
             .map_max_entries(maps::STACKS, options.max_stacks)
+            .map_max_entries(memtrace_common::python::maps::PY_STACKS, options.max_stacks)
             .load(BPF_OBJECT)
             .map_err(|e| explain_load_error(e.into()))?;
         Ok(Self {
             ebpf,
             stack_cache: HashMap::new(),
+            python_cache: HashMap::new(),
             loaded: HashSet::new(),
             links: HashMap::new(),
             shared_users: HashMap::new(),
@@ -446,7 +454,7 @@ impl Tracer {
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::ALLOCS)?, |k| k.tgid == tgid)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| k.tgid == tgid)?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| (k >> 32) as u32 == tgid)?;
-        Ok(())
+        self.forget_python(tgid)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -492,7 +500,14 @@ impl Tracer {
                 key,
                 usage: value,
                 frames,
+                python: Vec::new(),
             });
+        }
+
+        for stack in &mut snapshot.stacks {
+            if !stack.frames.is_empty() {
+                stack.python = self.python_frames(stack.key.stack_id);
+            }
         }
 
         let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =
