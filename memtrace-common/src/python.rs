@@ -50,6 +50,9 @@ pub struct PyConfig {
     pub skip_code: [u64; 2],
     /// Bytes of growth one pool refill stands for (pymalloc's `POOL_SIZE`).
     pub pool_bytes: u64,
+    /// Address of pymalloc's `usable_arenas` pointer (3.11), or 0: then it is at
+    /// `usable_arenas_in_state` in the state `allocate_from_new_pool` takes (3.12+).
+    pub usable_arenas: u64,
     /// From `_PyRuntime` to the thread state holding the GIL (3.11: `tstate_current`;
     /// 3.12+: the GIL's `last_holder`).
     pub tstate_hops: [u32; MAX_TSTATE_HOPS],
@@ -72,7 +75,9 @@ pub struct PyConfig {
     pub owner_cstack: u32,
     /// `is_entry` (a byte, 3.11), or [`NO_FIELD`].
     pub frame_is_entry: u32,
-    pub _pad: [u32; 2],
+    pub usable_arenas_in_state: u32,
+    /// `arena_object.freepools`: a refill that reuses a free pool is no growth.
+    pub arena_freepools: u32,
 }
 
 /// One Python frame as seen in BPF: symbolized in userspace from the process's memory.
@@ -185,7 +190,7 @@ mod pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<PyConfig>() == 8 * 4 + 4 * 20);
+    assert!(core::mem::size_of::<PyConfig>() == 8 * 5 + 4 * 20);
     assert!(core::mem::size_of::<PyFrame>() == 16);
     assert!(core::mem::size_of::<PyStack>() == 8 + 16 * MAX_PY_DEPTH);
     assert!(core::mem::size_of::<GcCall>() == 16);

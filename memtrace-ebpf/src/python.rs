@@ -318,10 +318,12 @@ fn guard_until_return(ctx: &ProbeContext) {
     enter_plain(ctx, AllocKind::Mmap, 0);
 }
 
-/// Growth mode: pymalloc takes a fresh pool (`allocate_from_new_pool`). Counted as one
-/// pool of growth at the Python stack that needed it; never freed (pymalloc returns
-/// pools to its free lists without a call to see). The arena it may map on the way
-/// (libc `mmap`) is inside the guard, so it is not counted a second time.
+/// Growth mode: pymalloc needs a pool for a size class (`allocate_from_new_pool`). When
+/// its current arena has a free pool it reuses it: no growth. Otherwise it carves a fresh
+/// pool (or maps a new arena first): one pool of growth at the Python stack that needed
+/// it. pymalloc's footprint only grows this way, so churn that frees its objects stops
+/// counting once it has its pools, and a leak keeps counting. The arena it may map on the
+/// way (libc `mmap`) is inside the guard, so it is not counted a second time.
 #[uprobe]
 pub fn py_pool_refill_enter(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -329,10 +331,26 @@ pub fn py_pool_refill_enter(ctx: ProbeContext) -> u32 {
         return 0;
     };
     // SAFETY: a map value.
-    let pool_bytes = unsafe { (*config).pool_bytes };
-    let Some(mut entry) = enter(&ctx, AllocKind::Mmap, pool_bytes) else {
+    let config = unsafe { &*config };
+    let state: u64 = ctx.arg(0).unwrap_or(0);
+    let usable_at = if config.usable_arenas != 0 {
+        config.usable_arenas
+    } else {
+        state.wrapping_add(config.usable_arenas_in_state as u64)
+    };
+    let fresh = match read_u64(usable_at) {
+        Some(0) => true, // a new arena
+        Some(arena) => read_u64(arena + config.arena_freepools as u64) == Some(0),
+        None => false,
+    };
+    let size = if fresh { config.pool_bytes } else { 0 };
+    let Some(mut entry) = enter(&ctx, AllocKind::Mmap, size) else {
         return 0;
     };
+    if !fresh {
+        save(&entry); // the guard only
+        return 0;
+    }
     count(PyCounter::PoolRefills);
     let mut info = entry.state.pending;
     // SAFETY: helper without preconditions.

@@ -10,6 +10,7 @@
 mod agent_util;
 mod deploy_util;
 mod prometheus;
+mod python_util;
 mod util;
 
 mod agent_attach_errors;
@@ -29,6 +30,7 @@ mod exact;
 mod isolation;
 mod munmap;
 mod nested;
+mod python_frames;
 mod realloc;
 mod sampling;
 mod threads;

@@ -35,6 +35,10 @@ pub struct Layout {
     /// start.
     pub ascii_data: u32,
     pub compact_data: u32,
+    /// pymalloc: `mgmt.usable_arenas` in the `OMState` that `allocate_from_new_pool`
+    /// takes (3.12+; 3.11 has a static), and `arena_object.freepools`.
+    pub usable_arenas_in_state: Option<u32>,
+    pub arena_freepools: u32,
 }
 
 const V3_11: Layout = Layout {
@@ -58,6 +62,8 @@ const V3_11: Layout = Layout {
     code_adaptive: 184,
     ascii_data: 48,
     compact_data: 72,
+    usable_arenas_in_state: None,
+    arena_freepools: 24,
 };
 
 const V3_12: Layout = Layout {
@@ -81,6 +87,8 @@ const V3_12: Layout = Layout {
     code_adaptive: 192,
     ascii_data: 40,
     compact_data: 56,
+    usable_arenas_in_state: Some(0x218),
+    arena_freepools: 24,
 };
 
 /// 3.13's values for what `_Py_DebugOffsets` also says (it overrides these).
@@ -105,6 +113,8 @@ const V3_13: Layout = Layout {
     code_adaptive: 200,
     ascii_data: 40,
     compact_data: 56,
+    usable_arenas_in_state: Some(0x218),
+    arena_freepools: 24,
 };
 
 /// The layout of CPython `major.minor`, or why there is none. `debug_offsets` is the

@@ -64,10 +64,19 @@ pub struct PythonFile {
     pub layout: Layout,
     runtime: u64,
     skip_code: [u64; 2],
-    /// Function → (file offset, first bytes) of every function we may probe.
-    functions: HashMap<&'static str, (u64, Vec<u8>)>,
+    /// Every function we may probe (and pymalloc's `usable_arenas` in 3.11).
+    functions: HashMap<&'static str, Symbol>,
     /// Where the functions of growth and exact mode came from, or why they are missing.
     pub symbols_note: Option<String>,
+}
+
+/// A symbol of the interpreter's file.
+#[derive(Clone, Debug)]
+struct Symbol {
+    vaddr: u64,
+    file_offset: u64,
+    /// First bytes (functions), for probe placement.
+    code: Vec<u8>,
 }
 
 /// pymalloc's pool size in 3.11–3.13 on 64-bit builds (radix tree, `USE_LARGE_POOLS`).
@@ -82,6 +91,9 @@ const EXACT_FUNCTIONS: [&str; 4] = [
 ];
 const POOL_FUNCTION: &str = "allocate_from_new_pool";
 const GC_FUNCTION: &str = "gc_collect_main";
+/// 3.11 keeps pymalloc's arena list in this static; 3.12+ in the state passed to
+/// `allocate_from_new_pool`.
+const USABLE_ARENAS: &str = "usable_arenas";
 
 impl PythonFile {
     /// Reads `path` if it is a CPython interpreter (defines `_PyRuntime`); `Ok(None)` if not.
@@ -142,10 +154,10 @@ impl PythonFile {
         // Probed functions: this file's symbols, else its separate debug file's.
         let mut functions = HashMap::new();
         let mut wanted: Vec<&'static str> = EXACT_FUNCTIONS.to_vec();
-        wanted.extend([POOL_FUNCTION, GC_FUNCTION]);
+        wanted.extend([POOL_FUNCTION, GC_FUNCTION, USABLE_ARENAS]);
         let mut note = None;
         let lookup = |symbols: &HashMap<String, (u64, u64)>,
-                      functions: &mut HashMap<&'static str, (u64, Vec<u8>)>| {
+                      functions: &mut HashMap<&'static str, Symbol>| {
             for name in &wanted {
                 if functions.contains_key(name) {
                     continue;
@@ -168,7 +180,14 @@ impl PythonFile {
                     let code = file_bytes(vaddr, size.clamp(1, 4096))
                         .unwrap_or(&[])
                         .to_vec();
-                    functions.insert(*name, (offset, code));
+                    functions.insert(
+                        *name,
+                        Symbol {
+                            vaddr,
+                            file_offset: offset,
+                            code,
+                        },
+                    );
                 }
             }
         };
@@ -236,11 +255,11 @@ impl PythonFile {
         wanted
             .into_iter()
             .filter_map(|(symbol, entry, exit)| {
-                let (file_offset, code) = self.functions.get(symbol)?;
+                let found = self.functions.get(symbol)?;
                 Some(PythonProbe {
                     symbol,
-                    file_offset: *file_offset,
-                    code: code.clone(),
+                    file_offset: found.file_offset,
+                    code: found.code.clone(),
                     entry,
                     exit,
                 })
@@ -254,7 +273,11 @@ impl PythonFile {
             PythonMode::Exact => EXACT_FUNCTIONS
                 .iter()
                 .all(|f| self.functions.contains_key(f)),
-            PythonMode::Growth => self.functions.contains_key(POOL_FUNCTION),
+            PythonMode::Growth => {
+                self.functions.contains_key(POOL_FUNCTION)
+                    && (self.layout.usable_arenas_in_state.is_some()
+                        || self.functions.contains_key(USABLE_ARENAS))
+            }
             _ => true,
         }
     }
@@ -290,6 +313,11 @@ impl PythonFile {
             config.frame_hops[i] = *hop;
         }
         config.frame_hop_count = l.frame_hops.len() as u32;
+        config.usable_arenas_in_state = l.usable_arenas_in_state.unwrap_or(NO_FIELD);
+        config.arena_freepools = l.arena_freepools;
+        if let Some(arenas) = self.functions.get(USABLE_ARENAS) {
+            config.usable_arenas = bias + arenas.vaddr;
+        }
         for (i, address) in self.skip_code.iter().enumerate() {
             if *address != 0 {
                 config.skip_code[i] = bias + address;

@@ -165,8 +165,9 @@ pub fn attach_probes(tracer: &mut Tracer, pid: u32, file: &PythonFile, mode: Pyt
         );
     }
     match tracer.attach_python(pid, &file.path, &file.probes(mode)) {
-        Ok(probes) => log::info!(
-            "CPython {}: {} probes ({})",
+        Ok(probes) => eprintln!(
+            "memtrace: CPython {} in pid {pid}: Python frames on, {} probes on the \
+             interpreter ({})",
             file.version_string(),
             probes.len(),
             probes
