@@ -17,6 +17,9 @@ pub mod maps {
     pub const PY_GC_CALLS: &str = "PY_GC_CALLS";
     /// [`super::GcKey`] → [`super::GcStats`]: collections per process and generation.
     pub const PY_GC: &str = "PY_GC";
+    /// (tgid << 32 | size class) → the [`crate::UsageKey`] of the stack that last took a
+    /// free pool of that class: the class's next fresh pool is charged to it.
+    pub const PY_POOL_DEBT: &str = "PY_POOL_DEBT";
     /// [`crate::ProcessKey`] → live blocks of the object allocator (`i64`, per CPU: sum
     /// them); only in exact mode, where every `_PyObject_*` call is seen.
     pub const PY_LIVE: &str = "PY_LIVE";
@@ -78,6 +81,10 @@ pub struct PyConfig {
     pub usable_arenas_in_state: u32,
     /// `arena_object.freepools`: a refill that reuses a free pool is no growth.
     pub arena_freepools: u32,
+    /// Which argument of `allocate_from_new_pool` is the size class (3.11: 0; 3.12+: 1),
+    /// and `pool_header.szidx`, the class a free pool served last.
+    pub pool_size_arg: u32,
+    pub pool_szidx: u32,
 }
 
 /// One Python frame as seen in BPF: symbolized in userspace from the process's memory.
@@ -190,7 +197,7 @@ mod pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<PyConfig>() == 8 * 5 + 4 * 20);
+    assert!(core::mem::size_of::<PyConfig>() == 8 * 5 + 4 * 22);
     assert!(core::mem::size_of::<PyFrame>() == 16);
     assert!(core::mem::size_of::<PyStack>() == 8 + 16 * MAX_PY_DEPTH);
     assert!(core::mem::size_of::<GcCall>() == 16);

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
-    AllocKind, ProcessKey, capacity,
+    AllocKind, ProcessKey, UsageKey, capacity,
     python::{
         FRAME_READ_BYTES, GC_BUCKETS, GC_FIRST_BUCKET_NS, GC_GENERATIONS, GcCall, GcKey, GcStats,
         MAX_PY_DEPTH, MAX_THREADS_SCANNED, MAX_TSTATE_HOPS, NO_FIELD, PyConfig, PyCounter, PyFrame,
@@ -46,6 +46,9 @@ static PY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PyCounter::
 static PY_GC_CALLS: LruHashMap<u64, GcCall> = LruHashMap::with_max_entries(capacity::THREADS, 0);
 #[map]
 static PY_GC: HashMap<GcKey, GcStats> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+#[map]
+static PY_POOL_DEBT: LruHashMap<u64, UsageKey> =
+    LruHashMap::with_max_entries(capacity::TRACED * 4, 0);
 #[map]
 static PY_LIVE: PerCpuHashMap<ProcessKey, i64> =
     PerCpuHashMap::with_max_entries(capacity::PROCESS_TOTALS, 0);
@@ -318,12 +321,15 @@ fn guard_until_return(ctx: &ProbeContext) {
     enter_plain(ctx, AllocKind::Mmap, 0);
 }
 
-/// Growth mode: pymalloc needs a pool for a size class (`allocate_from_new_pool`). When
-/// its current arena has a free pool it reuses it: no growth. Otherwise it carves a fresh
-/// pool (or maps a new arena first): one pool of growth at the Python stack that needed
-/// it. pymalloc's footprint only grows this way, so churn that frees its objects stops
-/// counting once it has its pools, and a leak keeps counting. The arena it may map on the
-/// way (libc `mmap`) is inside the guard, so it is not counted a second time.
+/// Growth mode: pymalloc needs a pool for a size class (`allocate_from_new_pool`).
+///
+/// pymalloc's footprint grows only when it carves a fresh pool (or maps an arena), so
+/// only that counts, as one pool of growth; the arena's `mmap` runs inside the guard and
+/// is not counted again. A refill that reuses a free pool of its own class is churn.
+/// One that takes a free pool another class just emptied leaves that class a pool short:
+/// when it next carves a fresh pool, the growth is charged to the stack that took its
+/// pool (`PY_POOL_DEBT`), not to the one that happens to refill. Without this, a leak that
+/// takes the pools churn keeps emptying would be blamed on the churn.
 #[uprobe]
 pub fn py_pool_refill_enter(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -333,32 +339,74 @@ pub fn py_pool_refill_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: a map value.
     let config = unsafe { &*config };
     let state: u64 = ctx.arg(0).unwrap_or(0);
+    let class: u64 = if config.pool_size_arg == 0 {
+        state
+    } else {
+        ctx.arg(1).unwrap_or(0)
+    } & 0xffff_ffff;
     let usable_at = if config.usable_arenas != 0 {
         config.usable_arenas
     } else {
         state.wrapping_add(config.usable_arenas_in_state as u64)
     };
-    let fresh = match read_u64(usable_at) {
-        Some(0) => true, // a new arena
-        Some(arena) => read_u64(arena + config.arena_freepools as u64) == Some(0),
-        None => false,
+    // None: a reuse within the class (or unreadable); Some(None): a fresh pool;
+    // Some(Some(c)): a free pool taken from class c.
+    let refill: Option<Option<u32>> = match read_u64(usable_at) {
+        Some(0) => Some(None), // a new arena
+        None => None,
+        Some(arena) => match read_u64(arena + config.arena_freepools as u64) {
+            Some(0) => Some(None),
+            None => None,
+            Some(pool) => match read_u32(pool + config.pool_szidx as u64) {
+                Some(previous) if previous as u64 != class => Some(Some(previous)),
+                _ => None,
+            },
+        },
     };
-    let size = if fresh { config.pool_bytes } else { 0 };
+    let size = if refill.is_some() {
+        config.pool_bytes
+    } else {
+        0
+    };
     let Some(mut entry) = enter(&ctx, AllocKind::Mmap, size) else {
         return 0;
     };
-    if !fresh {
-        save(&entry); // the guard only
-        return 0;
+    match refill {
+        Some(None) => {
+            count(PyCounter::PoolRefills);
+            let mut info = entry.state.pending;
+            let key = (tgid as u64) << 32 | class;
+            if let Some(taker) = PY_POOL_DEBT.get_ptr(&key) {
+                // SAFETY: copied out before the remove.
+                info.usage = unsafe { *taker };
+                let _ = PY_POOL_DEBT.remove(&key);
+            }
+            // SAFETY: helper without preconditions.
+            info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+            account_alloc(&info);
+        }
+        Some(Some(victim)) => {
+            let key = (tgid as u64) << 32 | victim as u64;
+            let _ = PY_POOL_DEBT.insert(&key, &entry.state.pending.usage, BPF_ANY as u64);
+        }
+        None => {}
     }
-    count(PyCounter::PoolRefills);
-    let mut info = entry.state.pending;
-    // SAFETY: helper without preconditions.
-    info.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    account_alloc(&info);
+    // Only the guard stays: `alloc_exit` records nothing for a zero-size mmap kind.
     entry.state.pending.size = 0;
     save(&entry);
     0
+}
+
+#[inline(always)]
+fn read_u32(address: u64) -> Option<u32> {
+    // SAFETY: the helper checks the address.
+    match unsafe { aya_ebpf::helpers::bpf_probe_read_user(address as *const u32) } {
+        Ok(value) => Some(value),
+        Err(_) => {
+            count(PyCounter::ReadFailed);
+            None
+        }
+    }
 }
 
 /// The collector's entry (`gc_collect_main(tstate, generation, ...)`).

@@ -63,7 +63,9 @@ fn exact_mode(minor: &str) {
     // tracemalloc's bytes for the leaking line, against memtrace's for the stacks whose
     // innermost Python frame is that line (tracemalloc's own bookkeeping, allocated in
     // the same Python frame by its hash tables, is not the program's memory).
-    let tracemalloc = run.tracemalloc.expect("the fixture printed no tracemalloc line");
+    let tracemalloc = run
+        .tracemalloc
+        .expect("the fixture printed no tracemalloc line");
     assert_eq!(tracemalloc.leak_line, leak_line);
     let ours: u64 = report
         .stacks
@@ -85,7 +87,9 @@ fn exact_mode(minor: &str) {
 
     let summary = &run.raw["python"];
     assert!(
-        summary["version"].as_str().is_some_and(|v| v.starts_with(minor)),
+        summary["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(minor)),
         "{summary}"
     );
     let live = summary["live_objects"].as_i64().unwrap_or(0);
@@ -128,7 +132,11 @@ fn growth_mode(minor: &str) {
     let refills = run.raw["python"]["counters"]["python_pool_refills"]
         .as_u64()
         .unwrap_or(0);
-    assert!(refills > 0, "{minor}: no pool refill counted\n{}", run.raw["python"]);
+    assert!(
+        refills > 0,
+        "{minor}: no pool refill counted\n{}",
+        run.raw["python"]
+    );
 }
 
 #[test]
@@ -178,11 +186,10 @@ fn python_unsupported_version_keeps_native_stacks() {
     assert!(notes[0].contains("3.10"), "{}", notes[0]);
     assert!(
         !run.report.stacks.is_empty()
-            && run
-                .report
-                .stacks
+            && run.report.stacks.iter().all(|s| s
+                .frames
                 .iter()
-                .all(|s| s.frames.iter().all(|f| f.module.as_deref() != Some("[python]"))),
+                .all(|f| f.module.as_deref() != Some("[python]"))),
         "{}",
         describe_stacks(&run.report, 3)
     );

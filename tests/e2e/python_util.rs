@@ -27,13 +27,19 @@ fn pyenv_root() -> PathBuf {
 pub fn pyenv_python(minor: &str) -> PathBuf {
     let versions = pyenv_root().join("versions");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| panic!("pyenv's {}: {e} (the tests need pyenv's CPython {minor})", versions.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "pyenv's {}: {e} (the tests need pyenv's CPython {minor})",
+                versions.display()
+            )
+        })
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.strip_prefix(minor).is_some_and(|rest| rest.starts_with('.')))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_prefix(minor)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            })
         })
         .map(|p| p.join("bin").join(format!("python{minor}")))
         .filter(|p| p.is_file())
@@ -85,10 +91,20 @@ pub fn trace_python(python: &Path, fixture: &Path, args: &[&str], options: &[&st
     let mut cmd = Command::new(python);
     cmd.arg(fixture).args(args).arg("--start-file").arg(&start);
     let target = Proc::spawn(format!("{} {}", python.display(), fixture.display()), cmd);
-    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| l.starts_with("ready"));
+    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
+        l.starts_with("ready")
+    });
 
     let pid = target.pid().to_string();
-    let mut memtrace_args = vec!["top", "--format", "json", "--pid", &pid, "--duration", "120"];
+    let mut memtrace_args = vec![
+        "top",
+        "--format",
+        "json",
+        "--pid",
+        &pid,
+        "--duration",
+        "120",
+    ];
     memtrace_args.extend(options);
     let mut memtrace = Proc::spawn(
         format!("memtrace {memtrace_args:?}"),
@@ -98,19 +114,25 @@ pub fn trace_python(python: &Path, fixture: &Path, args: &[&str], options: &[&st
         l.contains("CPython")
     });
     std::fs::write(&start, b"go").unwrap();
-    let tracemalloc = target
-        .wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
+    let tracemalloc =
+        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
             l.starts_with("done") || l.starts_with('{')
         });
     let tracemalloc = if tracemalloc.starts_with('{') {
-        target.wait_for_line(Stream::Stdout, "`done`", WAIT_TIMEOUT, |l| l.starts_with("done"));
+        target.wait_for_line(Stream::Stdout, "`done`", WAIT_TIMEOUT, |l| {
+            l.starts_with("done")
+        });
         Some(serde_json::from_str(&tracemalloc).unwrap())
     } else {
         None
     };
     memtrace.signal(libc::SIGINT);
     let finished = memtrace.wait(RUN_TIMEOUT);
-    assert!(finished.status.success(), "memtrace failed\n{}", finished.describe());
+    assert!(
+        finished.status.success(),
+        "memtrace failed\n{}",
+        finished.describe()
+    );
     let report = parse_report(&finished);
     let raw: serde_json::Value = serde_json::from_str(finished.stdout.trim()).unwrap();
     drop(target);
@@ -125,7 +147,10 @@ pub fn trace_python(python: &Path, fixture: &Path, args: &[&str], options: &[&st
 /// Whether `frame` is the Python frame `function` at `file_suffix:line`.
 pub fn is_python_frame(frame: &Frame, function: &str, file_suffix: &str, line: u64) -> bool {
     frame.function.as_deref() == Some(function)
-        && frame.file.as_deref().is_some_and(|f| f.ends_with(file_suffix))
+        && frame
+            .file
+            .as_deref()
+            .is_some_and(|f| f.ends_with(file_suffix))
         && frame.line == Some(line)
 }
 

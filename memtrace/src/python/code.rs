@@ -228,7 +228,7 @@ mod tests {
     /// then 2 units 300 lines further (code 13, svarint 600 = two 6-bit chunks).
     fn table() -> Vec<u8> {
         vec![
-            0x80 | (0 << 3) | 1,
+            0x80 | 1, // code 0
             5,
             0x80 | (11 << 3) | 2,
             1,

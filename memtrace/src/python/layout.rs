@@ -39,6 +39,8 @@ pub struct Layout {
     /// takes (3.12+; 3.11 has a static), and `arena_object.freepools`.
     pub usable_arenas_in_state: Option<u32>,
     pub arena_freepools: u32,
+    pub pool_size_arg: u32,
+    pub pool_szidx: u32,
 }
 
 const V3_11: Layout = Layout {
@@ -64,6 +66,8 @@ const V3_11: Layout = Layout {
     compact_data: 72,
     usable_arenas_in_state: None,
     arena_freepools: 24,
+    pool_size_arg: 0,
+    pool_szidx: 36,
 };
 
 const V3_12: Layout = Layout {
@@ -89,6 +93,8 @@ const V3_12: Layout = Layout {
     compact_data: 56,
     usable_arenas_in_state: Some(0x218),
     arena_freepools: 24,
+    pool_size_arg: 1,
+    pool_szidx: 36,
 };
 
 /// 3.13's values for what `_Py_DebugOffsets` also says (it overrides these).
@@ -115,6 +121,8 @@ const V3_13: Layout = Layout {
     compact_data: 56,
     usable_arenas_in_state: Some(0x218),
     arena_freepools: 24,
+    pool_size_arg: 1,
+    pool_szidx: 36,
 };
 
 /// The layout of CPython `major.minor`, or why there is none. `debug_offsets` is the

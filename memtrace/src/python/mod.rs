@@ -315,6 +315,8 @@ impl PythonFile {
         config.frame_hop_count = l.frame_hops.len() as u32;
         config.usable_arenas_in_state = l.usable_arenas_in_state.unwrap_or(NO_FIELD);
         config.arena_freepools = l.arena_freepools;
+        config.pool_size_arg = l.pool_size_arg;
+        config.pool_szidx = l.pool_szidx;
         if let Some(arenas) = self.functions.get(USABLE_ARENAS) {
             config.usable_arenas = bias + arenas.vaddr;
         }
