@@ -20,6 +20,7 @@ use crate::{
     metrics::{ContainerLabels, Metrics},
     preflight, process,
     profile::ProfileSample,
+    python::{agent::PythonMetrics, session::PythonTarget},
     report::{self, Frame, Resolver},
     symbolize::Symbolizer,
     tracer::{Snapshot, Tracer, TracerOptions},
@@ -117,6 +118,7 @@ pub struct Agent {
     view: SharedView,
     started: Instant,
     next_oldest_scan: Option<Instant>,
+    python_metrics: PythonMetrics,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -145,7 +147,9 @@ impl Agent {
             max_points: args.max_points,
             threshold: args.threshold,
         };
+        let python_metrics = PythonMetrics::new(&metrics.registry)?;
         Ok(Self {
+            python_metrics,
             args,
             detector,
             tracer,
@@ -194,6 +198,9 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
+        let python = self.tracer.python_stats(&tgids)?;
+        self.python_metrics
+            .publish(&python, |cgroup_id| labels_of(&labels, cgroup_id));
         self.update_series(sums, &labels);
         self.publish(&snapshot, &labels);
         Ok(())
@@ -236,6 +243,7 @@ impl Agent {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
+            self.python_metrics.forget(pid);
             log::info!("pid {pid} is gone: detached");
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
@@ -283,6 +291,8 @@ impl Agent {
         resolver.refresh_map();
         self.tracer
             .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
+        // CPython: its frames in stacks, and its allocator probes of --python's mode.
+        PythonTarget::running(&mut self.tracer, &mut resolver, pid, self.args.python);
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)

@@ -107,6 +107,12 @@ pub struct AgentArgs {
     /// Capacity of the kernel's stack-trace map (distinct call stacks; ~1 KiB each).
     #[arg(long, env = "MEMTRACE_MAX_STACK_TRACES", default_value_t = memtrace_common::capacity::STACKS)]
     pub max_stack_traces: u32,
+
+    /// CPython processes: `growth` (Python frames, pymalloc's pool refills, GC
+    /// statistics: cheap), `exact` (also every object allocation: a trap per object),
+    /// `frames` (frames and GC only), `off`.
+    #[arg(long, env = "MEMTRACE_PYTHON", value_enum, default_value_t = crate::python::PythonMode::Growth)]
+    pub python: crate::python::PythonMode,
 }
 
 const TOP_EXAMPLES: &str = "\

@@ -7,6 +7,7 @@
 //! `memtrace-ebpf/src/python.rs`) as (code object, instruction offset); [`code`] turns them
 //! into function, file and line, and [`merge`] puts them where the evaluation loop's
 //! native frames were.
+pub mod agent;
 pub mod code;
 pub mod layout;
 pub mod merge;
