@@ -178,3 +178,97 @@ pub fn describe_stacks(report: &Report, limit: usize) -> String {
     }
     out
 }
+
+/// A virtualenv of pyenv's CPython 3.12 with Django from PyPI, made once and kept in the
+/// test target directory (`pip install` takes a while; later runs reuse it).
+pub fn django_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("django-venv-3.12");
+            let python = venv.join("bin").join("python");
+            let has_django = || {
+                Command::new(&python)
+                    .args(["-c", "import django"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !has_django() {
+                let mut make = Command::new(pyenv_python("3.12"));
+                make.args(["-m", "venv", "--clear"]).arg(&venv);
+                let made = Proc::spawn("python3.12 -m venv", make).wait(Duration::from_secs(120));
+                assert!(
+                    made.status.success(),
+                    "creating the venv\n{}",
+                    made.describe()
+                );
+                let mut pip = Command::new(&python);
+                pip.args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "Django>=5,<6",
+                ]);
+                let installed =
+                    Proc::spawn("pip install Django", pip).wait(Duration::from_secs(300));
+                assert!(
+                    installed.status.success() && has_django(),
+                    "pip install Django (from PyPI) failed\n{}",
+                    installed.describe()
+                );
+            }
+            python
+        })
+        .clone()
+}
+
+/// Attaches `memtrace top --pid` with `options` to a running Python process and waits
+/// until memtrace says its interpreter probes are on.
+pub fn attach_python(pid: i32, options: &[&str]) -> Proc {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "top",
+        "--format",
+        "json",
+        "--pid",
+        &pid,
+        "--duration",
+        "120",
+    ];
+    args.extend(options);
+    let memtrace = Proc::spawn(format!("memtrace {args:?}"), memtrace_command(&args));
+    memtrace.wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
+        l.contains("CPython")
+    });
+    memtrace
+}
+
+/// Stops an attached memtrace with SIGINT and returns its report.
+pub fn stop_python_trace(mut memtrace: Proc) -> Report {
+    memtrace.signal(libc::SIGINT);
+    let finished = memtrace.wait(RUN_TIMEOUT);
+    assert!(
+        finished.status.success(),
+        "memtrace failed\n{}",
+        finished.describe()
+    );
+    parse_report(&finished)
+}
+
+/// Waits (bounded) until `path` exists and returns its contents.
+pub fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -130,7 +130,11 @@ impl PythonMetrics {
 
     /// Publishes `stats`, read this interval; `labels_of` names a cgroup's container.
     pub fn publish(&mut self, stats: &PythonStats, labels_of: impl Fn(u64) -> ContainerLabels) {
-        let mut durations = self.durations.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut durations = self
+            .durations
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for (key, now) in &stats.gc {
             let labels = labels_of(key.cgroup_id);
             let before = self
