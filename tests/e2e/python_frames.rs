@@ -194,3 +194,40 @@ fn python_unsupported_version_keeps_native_stacks() {
         describe_stacks(&run.report, 3)
     );
 }
+
+/// Debian's `python3.11`: static libpython, LTO+PGO, stripped. pymalloc's fast path is
+/// inlined into its callers, so only growth mode applies, with the refill function found
+/// in the separate debug file (`python3.11-dbg`, installed by `cargo xtask test`).
+#[test]
+fn python_debian_static_growth() {
+    let _serial = serial();
+    require_root();
+    let python = std::path::Path::new("/usr/bin/python3.11");
+    assert!(
+        python.is_file(),
+        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
+    );
+    let fixture = python_fixture("python_leak.py");
+    let leak_line = marked_line(&fixture, "LEAK");
+    let run = trace_python(python, &fixture, &["20000"], &["--python", "growth"]);
+    assert!(
+        !run.memtrace_stderr.contains("no debug file"),
+        "python3.11-dbg is not installed (cargo xtask test installs it)\n{}",
+        run.memtrace_stderr
+    );
+    let report = &run.report;
+    let stacks = describe_stacks(report, 5);
+    let top = report.stacks.first().expect("no stacks at all");
+    assert!(
+        top.frames
+            .iter()
+            .any(|f| is_python_frame(f, "leak", "python_leak.py", leak_line)),
+        "the top growth site is not leak (python_leak.py:{leak_line})\n{stacks}"
+    );
+    let churn = outstanding_in(report, "churn");
+    assert!(
+        churn * 10 < top.outstanding_bytes,
+        "churn grew {churn} bytes, the leak {}\n{stacks}",
+        top.outstanding_bytes
+    );
+}

@@ -70,7 +70,14 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test => {
             ensure_bpf_toolchain()?;
-            ensure_debian_packages(&["libc6-dev", "gcc", "util-linux", "prometheus"])?;
+            // python3.11-dbg: pymalloc's refill function in Debian's stripped python3.11 (growth mode).
+            ensure_debian_packages(&[
+                "libc6-dev",
+                "gcc",
+                "util-linux",
+                "prometheus",
+                "python3.11-dbg",
+            ])?;
             run_cmd(cargo(&root).args(["build", "-p", "memtrace"]))?;
             // BPF and fixture processes share kernel state: one test at a time.
             run_cmd(

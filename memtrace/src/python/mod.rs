@@ -69,6 +69,9 @@ pub struct PythonFile {
     functions: HashMap<&'static str, Symbol>,
     /// Where the functions of growth and exact mode came from, or why they are missing.
     pub symbols_note: Option<String>,
+    /// Built with LTO (local functions renamed `.lto_priv.N`): pymalloc's fast path is
+    /// inlined into its callers, so exact mode misses most allocations.
+    pub lto: bool,
 }
 
 /// A symbol of the interpreter's file.
@@ -212,6 +215,26 @@ impl PythonFile {
                 }
             }
         }
+        if version.1 == 11
+            && !functions.contains_key(USABLE_ARENAS)
+            && let Some(pool) = functions.get(POOL_FUNCTION)
+            && let Some(vaddr) = first_rip_load(&pool.code, pool.vaddr)
+        {
+            // LTO builds (Debian's) drop the static's symbol; the refill reads it first.
+            functions.insert(
+                USABLE_ARENAS,
+                Symbol {
+                    vaddr,
+                    file_offset: 0,
+                    code: Vec::new(),
+                },
+            );
+        }
+        let lto = functions.contains_key(POOL_FUNCTION)
+            && !symbols.contains_key(POOL_FUNCTION)
+            && note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("symbols from"));
         let address = |name: &str| symbols.get(name).map(|(a, _)| *a).unwrap_or(0);
         // 3.13: shim frames hold `Py_None`; class calls push a `_Py_InitCleanup` frame.
         let skip_code = if version.1 >= 13 {
@@ -227,6 +250,7 @@ impl PythonFile {
             skip_code,
             functions,
             symbols_note: note,
+            lto,
         }))
     }
 
@@ -328,6 +352,25 @@ impl PythonFile {
         }
         config
     }
+}
+
+/// The address of the first `mov reg, [rip + disp]` (a 64-bit load of a static) in
+/// `code`, which starts at virtual address `ip`.
+fn first_rip_load(code: &[u8], ip: u64) -> Option<u64> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    for instruction in decoder.iter().take(16) {
+        if instruction.mnemonic() == Mnemonic::Mov
+            && instruction.op_count() == 2
+            && instruction.op0_kind() == OpKind::Register
+            && instruction.op1_kind() == OpKind::Memory
+            && instruction.memory_base() == Register::RIP
+            && instruction.op0_register().size() == 8
+        {
+            return Some(instruction.ip_rel_memory_address());
+        }
+    }
+    None
 }
 
 fn read_symbols(path: &Path) -> Result<HashMap<String, (u64, u64)>> {

@@ -164,6 +164,15 @@ pub fn attach_probes(tracer: &mut Tracer, pid: u32, file: &PythonFile, mode: Pyt
                 .unwrap_or("pymalloc's functions not found: this mode is off")
         );
     }
+    if mode == PythonMode::Exact && file.lto {
+        eprintln!(
+            "memtrace: CPython {} ({}) is built with LTO: pymalloc's fast path is inlined \
+             into its callers, so exact mode misses most object allocations; growth mode \
+             sees them all as pool refills",
+            file.version_string(),
+            file.path.display()
+        );
+    }
     match tracer.attach_python(pid, &file.path, &file.probes(mode)) {
         Ok(probes) => eprintln!(
             "memtrace: CPython {} in pid {pid}: Python frames on, {} probes on the \
