@@ -187,6 +187,11 @@ pub struct TopArgs {
     #[arg(long, env = "MEMTRACE_PYTHON", value_enum, default_value_t = crate::python::PythonMode::Frames)]
     pub python: crate::python::PythonMode,
 
+    /// Attach no probe to libc: with `--python growth`, only pymalloc's pool refills trap
+    /// (the cheapest way to watch a Python process; its native allocations go unseen).
+    #[arg(long, env = "MEMTRACE_NO_LIBC")]
+    pub no_libc: bool,
+
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -22,7 +22,7 @@ use crate::{
     python::session::PythonTarget,
     report::{self, Resolver, Target},
     symbolize::Symbolizer,
-    tracer::{Tracer, TracerOptions},
+    tracer::{AttachSummary, Tracer, TracerOptions},
 };
 
 /// How often the loop wakes to check for exit, the deadline and Ctrl-C.
@@ -92,14 +92,18 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     if let Traced::Running { .. } = traced {
         resolver.refresh_map();
     }
-    let attached = tracer.attach_libc(
-        pid,
-        if readable_libc.exists() {
-            &readable_libc
-        } else {
-            &libc
-        },
-    );
+    let attached = if args.no_libc {
+        Ok(AttachSummary::default())
+    } else {
+        tracer.attach_libc(
+            pid,
+            if readable_libc.exists() {
+                &readable_libc
+            } else {
+                &libc
+            },
+        )
+    };
     let summary = match attached {
         Ok(summary) => summary,
         Err(e) if !process::exists(pid) => {
@@ -122,11 +126,15 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         Err(e) => return Err(e),
     };
     let cheap = summary.probes.iter().filter(|p| p.emulated).count();
-    eprintln!(
-        "memtrace: attached {} probes to {} in pid {pid} ({cheap} on emulated instructions)",
-        summary.probes.len(),
-        libc.display(),
-    );
+    if args.no_libc {
+        eprintln!("memtrace: no libc probes (--no-libc): native allocations are not traced");
+    } else {
+        eprintln!(
+            "memtrace: attached {} probes to {} in pid {pid} ({cheap} on emulated instructions)",
+            summary.probes.len(),
+            libc.display(),
+        );
+    }
     if !summary.missing.is_empty() {
         log::info!(
             "{} lacks {}: not traced",

@@ -17,8 +17,14 @@ use anyhow::{Context, Result, bail};
 /// Requests per measurement (alternating the leaking and the non-leaking view), and
 /// measurements per mode (the median is reported).
 const REQUESTS: usize = 1000;
-const ROUNDS: usize = 3;
-const MODES: &[Option<&str>] = &[None, Some("frames"), Some("growth"), Some("exact")];
+const ROUNDS: usize = 5;
+const MODES: &[Option<&str>] = &[
+    None,
+    Some("growth --no-libc"),
+    Some("frames"),
+    Some("growth"),
+    Some("exact"),
+];
 
 pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
     let Some(python) = pyenv_python("3.12") else {
@@ -199,8 +205,8 @@ fn attach(memtrace: &Path, pid: u32, mode: &str) -> Result<Killed> {
                 "--duration",
                 "300",
                 "--python",
-                mode,
             ])
+            .args(mode.split(' '))
             .args(["--pid", &pid.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -211,14 +217,23 @@ fn attach(memtrace: &Path, pid: u32, mode: &str) -> Result<Killed> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("CPython") {
-                let _ = tx.send(());
-            }
+            let found = line.contains("CPython");
+            let _ = tx.send((found, line));
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .context("memtrace did not attach to the interpreter within 30 s")?;
-    Ok(child)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, _)) => return Ok(child),
+            Ok((false, line)) => said.push(line),
+            Err(_) => bail!(
+                "memtrace did not attach to the interpreter within 30 s: {}",
+                said.join("\n")
+            ),
+        }
+    }
 }
 
 fn get(addr: SocketAddr, path: &str) -> Result<()> {
