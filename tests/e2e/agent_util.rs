@@ -259,6 +259,7 @@ const AGENT_ENV: &[&str] = &[
     "MEMTRACE_SAMPLE_BYTES",
     "MEMTRACE_MAX_ALLOCATIONS",
     "MEMTRACE_MAX_STACK_TRACES",
+    "MEMTRACE_PYTHON",
 ];
 
 impl Agent {

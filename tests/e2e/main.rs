@@ -30,6 +30,7 @@ mod exact;
 mod isolation;
 mod munmap;
 mod nested;
+mod python_agent;
 mod python_django;
 mod python_frames;
 mod realloc;

@@ -198,14 +198,7 @@ fn measure(
 fn attach(memtrace: &Path, pid: u32, mode: &str) -> Result<Killed> {
     let mut child = Killed(
         Command::new(memtrace)
-            .args([
-                "top",
-                "--format",
-                "json",
-                "--duration",
-                "300",
-                "--python",
-            ])
+            .args(["top", "--format", "json", "--duration", "300", "--python"])
             .args(mode.split(' '))
             .args(["--pid", &pid.to_string()])
             .stdout(Stdio::null())
