@@ -79,6 +79,7 @@ fn exact_mode(minor: &str) {
         .sum();
     let theirs = tracemalloc.tracemalloc_leak_bytes;
     let ratio = ours as f64 / theirs as f64;
+    eprintln!("{minor}: leaking line: memtrace {ours} bytes, tracemalloc {theirs} ({ratio:.3})");
     assert!(
         (0.8..=1.2).contains(&ratio),
         "{minor}: memtrace {ours} bytes vs tracemalloc {theirs} at line {leak_line} \
