@@ -369,11 +369,7 @@ impl Agent {
                 .or_insert_with(|| StackState {
                     series: Series::new(),
                     assessment: Assessment::default(),
-                    site: sum
-                        .frames
-                        .first()
-                        .map(Frame::site)
-                        .unwrap_or_else(|| "[no stack]".into()),
+                    site: report::site(&sum.frames),
                     frames: sum.frames.clone(),
                     bytes: 0,
                     count: 0,

@@ -89,6 +89,18 @@ impl Frame {
     }
 }
 
+/// The site a stack is labelled with: its innermost Python frame when it has one (for a
+/// Python program that is the line to look at; the native allocator under it is not), else
+/// its innermost frame.
+pub fn site(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .find(|f| f.module == crate::python::merge::PYTHON_MODULE && f.function.is_some())
+        .or(frames.first())
+        .map(Frame::site)
+        .unwrap_or_else(|| "[no stack]".into())
+}
+
 /// The frames of a stack as return addresses, innermost first, starting at the
 /// allocator's caller.
 pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {

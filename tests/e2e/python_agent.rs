@@ -78,5 +78,24 @@ fn python_agent_metrics() {
         svg.contains(&format!("leak (python_leak.py:{leak_line})")),
         "the flame graph has no Python frame leak (python_leak.py:{leak_line})"
     );
+    // Python stacks are labelled with their Python line, not the native allocator.
+    let site = format!("leak (python_leak.py:{leak_line})");
+    let deadline = std::time::Instant::now() + WAIT_TIMEOUT;
+    while !scrape_has_site(&agent, &site) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memtrace_leak_suspicion series with site {site:?}\n{}",
+            agent.scrape().memtrace_lines()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(target);
+}
+
+fn scrape_has_site(agent: &Agent, site: &str) -> bool {
+    agent
+        .scrape()
+        .series("memtrace_leak_suspicion", &[("site", site)])
+        .next()
+        .is_some()
 }
