@@ -199,8 +199,11 @@ impl Agent {
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
         let python = self.tracer.python_stats(&tgids)?;
-        self.python_metrics
-            .publish(&python, |cgroup_id| labels_of(&labels, cgroup_id));
+        self.python_metrics.publish(
+            &python,
+            |cgroup_id| labels_of(&labels, cgroup_id),
+            &self.metrics.dropped_events,
+        );
         self.update_series(sums, &labels);
         self.publish(&snapshot, &labels);
         Ok(())

@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use memtrace_common::python::{GC_BUCKETS, GC_FIRST_BUCKET_NS, GcStats};
+use memtrace_common::python::{GC_BUCKETS, GC_FIRST_BUCKET_NS, GcStats, PyCounter};
 use prometheus::{
     IntCounterVec, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
@@ -95,6 +95,7 @@ pub struct PythonMetrics {
     live_objects: IntGaugeVec,
     durations: DurationHistogram,
     last: HashMap<(u64, u32, u32), GcStats>,
+    last_counters: [u64; PyCounter::COUNT as usize],
 }
 
 impl PythonMetrics {
@@ -125,11 +126,30 @@ impl PythonMetrics {
             live_objects,
             durations,
             last: HashMap::new(),
+            last_counters: Default::default(),
         })
     }
 
     /// Publishes `stats`, read this interval; `labels_of` names a cgroup's container.
-    pub fn publish(&mut self, stats: &PythonStats, labels_of: impl Fn(u64) -> ContainerLabels) {
+    /// Lost Python frames (failed reads, cut chains, a full map) go to `dropped`
+    /// (`memtrace_dropped_events_total{reason}`).
+    pub fn publish(
+        &mut self,
+        stats: &PythonStats,
+        labels_of: impl Fn(u64) -> ContainerLabels,
+        dropped: &IntCounterVec,
+    ) {
+        for counter in PyCounter::ALL
+            .into_iter()
+            .filter(|c| *c != PyCounter::PoolRefills)
+        {
+            let value = stats.counters[counter as usize];
+            let last = &mut self.last_counters[counter as usize];
+            dropped
+                .with_label_values(&[counter.name()])
+                .inc_by(value.saturating_sub(*last));
+            *last = value;
+        }
         let mut durations = self
             .durations
             .series
