@@ -20,7 +20,7 @@ use crate::{
     metrics::{ContainerLabels, Metrics},
     preflight, process,
     profile::ProfileSample,
-    python::{agent::PythonMetrics, session::PythonTarget},
+    python::{PythonMode, agent::PythonMetrics, session::PythonTarget},
     report::{self, Frame, Resolver},
     symbolize::Symbolizer,
     tracer::{Snapshot, Tracer, TracerOptions},
@@ -295,7 +295,16 @@ impl Agent {
         self.tracer
             .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
-        PythonTarget::running(&mut self.tracer, &mut resolver, pid, self.args.python);
+        // Probes shared per interpreter file, like libc's, except in exact mode: untraced
+        // processes mapping the same file would then trap on every object they allocate.
+        let shared = self.args.python != PythonMode::Exact;
+        PythonTarget::running(
+            &mut self.tracer,
+            &mut resolver,
+            pid,
+            self.args.python,
+            shared,
+        );
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)

@@ -145,7 +145,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
 
     let python = match &program_path {
         Some(program) => PythonTarget::program(&mut tracer, pid, program, args.python),
-        None => PythonTarget::running(&mut tracer, &mut resolver, pid, args.python),
+        None => PythonTarget::running(&mut tracer, &mut resolver, pid, args.python, false),
     };
 
     install_interrupt_handler();

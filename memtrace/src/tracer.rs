@@ -154,6 +154,7 @@ pub struct Tracer {
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
     python_cache: HashMap<u64, Vec<memtrace_common::python::PyFrame>>,
+    python_shared: python_maps::SharedProbes,
     loaded: HashSet<&'static str>,
     /// Links per owner (a process, or a libc file shared by traced processes).
     links: HashMap<Owner, Vec<(&'static str, UProbeLinkId)>>,
@@ -199,6 +200,7 @@ impl Tracer {
             ebpf,
             stack_cache: HashMap::new(),
             python_cache: HashMap::new(),
+            python_shared: Default::default(),
             loaded: HashSet::new(),
             links: HashMap::new(),
             shared_users: HashMap::new(),
@@ -258,6 +260,7 @@ impl Tracer {
     /// Stops tracing `pid`, attached by either way: its own probes are detached, and a
     /// shared set when its last user goes.
     pub fn untrace(&mut self, pid: u32) {
+        self.untrace_python(pid);
         self.untrace_pid(pid);
         self.detach_owner(Owner::Process(pid));
         if let Some(file) = self.pid_files.remove(&pid) {

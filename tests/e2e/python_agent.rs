@@ -99,3 +99,74 @@ fn scrape_has_site(agent: &Agent, site: &str) -> bool {
         .next()
         .is_some()
 }
+
+/// Two CPython processes on one libpython share one set of interpreter probes (growth
+/// mode), both get Python frames, and the probes go when the last of them does.
+#[test]
+fn python_agent_shares_interpreter_probes() {
+    let _serial = serial();
+    require_root();
+    let python = pyenv_python("3.12");
+    let fixture = python_fixture("python_leak.py");
+    let leak_line = marked_line(&fixture, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let mut targets: Vec<Proc> = (0..2)
+        .map(|i| {
+            let mut cmd = Command::new(&python);
+            cmd.arg(&fixture)
+                .arg("20000")
+                .arg("--start-file")
+                .arg(&start);
+            let target = Proc::spawn(format!("python_leak.py #{i}"), cmd);
+            target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
+                l.starts_with("ready")
+            });
+            target
+        })
+        .collect();
+    let pids = format!("{},{}", targets[0].pid(), targets[1].pid());
+    let agent = Agent::start(&["--pid", &pids, "--interval", "500ms", "--python", "growth"]);
+    agent.wait_traced(2, WAIT_TIMEOUT);
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        lines.push(agent.proc.wait_for_line(
+            Stream::Stderr,
+            "two CPython lines",
+            WAIT_TIMEOUT,
+            |l| l.contains("CPython"),
+        ));
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("probes on the interpreter"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("sharing the probes"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    std::fs::write(&start, b"go").unwrap();
+    for target in &targets {
+        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
+            l.starts_with("done")
+        });
+    }
+    let site = format!("leak (python_leak.py:{leak_line})");
+    agent.wait_for("the leak's Python site", WAIT_TIMEOUT, |s| {
+        s.series("memtrace_leak_suspicion", &[("site", &site)])
+            .next()
+            .map(|_| ())
+    });
+    targets.clear(); // kills both
+    agent.wait_for("every probe detached", WAIT_TIMEOUT, |s| {
+        (s.value("memtrace_attached_probes", &[]) == Some(0.0)).then_some(())
+    });
+}

@@ -420,6 +420,8 @@ pub struct FoundPython {
     pub bias: u64,
     /// The file's path as the process sees it.
     pub process_path: PathBuf,
+    /// The file as the kernel knows it (probes are shared per file in the agent).
+    pub file_id: crate::process::FileId,
 }
 
 /// The interpreter mapped by running process `pid`; `Ok(None)` when the process runs no
@@ -452,6 +454,7 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
             file: python,
             bias,
             process_path: mapping.path.clone(),
+            file_id: mapping.file,
         }));
     }
     Ok(None)

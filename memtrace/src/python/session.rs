@@ -14,6 +14,8 @@ pub struct PythonTarget {
     mode: PythonMode,
     file: Option<PythonFile>,
     configured: bool,
+    /// Probes shared node-wide per interpreter file (the agent), else scoped to `pid`.
+    shared: bool,
 }
 
 /// What a report says about the Python side.
@@ -35,12 +37,15 @@ pub struct GcSummary {
 }
 
 impl PythonTarget {
-    /// A process already running: configured and probed now if it runs CPython.
+    /// A process already running: configured and probed now if it runs CPython. With
+    /// `shared`, the interpreter's probes are shared by every traced process that maps the
+    /// same file (needs a tracer that filters processes).
     pub fn running(
         tracer: &mut Tracer,
         resolver: &mut Resolver,
         pid: u32,
         mode: PythonMode,
+        shared: bool,
     ) -> Option<Self> {
         if mode == PythonMode::Off {
             return None;
@@ -50,6 +55,7 @@ impl PythonTarget {
             mode,
             file: None,
             configured: false,
+            shared,
         };
         target.poll(tracer, resolver);
         target.configured.then_some(target)
@@ -75,12 +81,13 @@ impl PythonTarget {
                 return None;
             }
         };
-        attach_probes(tracer, pid, &file, mode);
+        attach_probes(tracer, pid, &file, mode, None);
         Some(Self {
             pid,
             mode,
             file: Some(file),
             configured: false,
+            shared: false,
         })
     }
 
@@ -114,7 +121,8 @@ impl PythonTarget {
             return;
         }
         if self.file.is_none() {
-            attach_probes(tracer, self.pid, &found.file, self.mode);
+            let shared = self.shared.then_some(found.file_id);
+            attach_probes(tracer, self.pid, &found.file, self.mode, shared);
         }
         resolver.set_python(found.file.layout, config.skip_code, &found.process_path);
         self.file = Some(found.file);
@@ -152,8 +160,15 @@ impl PythonTarget {
     }
 }
 
-/// Attaches the probes of `mode` to `file`, saying in one line what is missing.
-pub fn attach_probes(tracer: &mut Tracer, pid: u32, file: &PythonFile, mode: PythonMode) {
+/// Attaches the probes of `mode` to `file` (for `pid` alone, or shared per file),
+/// saying in one line what is missing.
+pub fn attach_probes(
+    tracer: &mut Tracer,
+    pid: u32,
+    file: &PythonFile,
+    mode: PythonMode,
+    shared: Option<crate::process::FileId>,
+) {
     if !file.supports(mode) {
         eprintln!(
             "memtrace: CPython {} ({}): {}",
@@ -173,7 +188,18 @@ pub fn attach_probes(tracer: &mut Tracer, pid: u32, file: &PythonFile, mode: Pyt
             file.path.display()
         );
     }
-    match tracer.attach_python(pid, &file.path, &file.probes(mode)) {
+    let probes = file.probes(mode);
+    let attached = match shared {
+        Some(file_id) => tracer.attach_python_shared(pid, &file.path, file_id, &probes),
+        None => tracer.attach_python(pid, &file.path, &probes),
+    };
+    match attached {
+        Ok(attached) if attached.is_empty() && !probes.is_empty() => eprintln!(
+            "memtrace: CPython {} in pid {pid}: Python frames on, sharing the probes already \
+             on {}",
+            file.version_string(),
+            file.path.display()
+        ),
         Ok(probes) => eprintln!(
             "memtrace: CPython {} in pid {pid}: Python frames on, {} probes on the \
              interpreter ({})",

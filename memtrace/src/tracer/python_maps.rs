@@ -1,6 +1,10 @@
 //! The Python side of the tracer: per-process interpreter configuration, probes on the
 //! interpreter, and reading the Python maps back.
-use std::{collections::HashSet, num::NonZeroU32, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -13,7 +17,15 @@ use memtrace_common::{
 };
 
 use super::{AttachedProbe, Owner, Tracer};
-use crate::{placement, python::PythonProbe};
+use crate::{placement, process::FileId, python::PythonProbe};
+
+/// Interpreter probes shared node-wide per interpreter file (the agent's way, as for libc),
+/// and the traced processes using each set.
+#[derive(Default)]
+pub(super) struct SharedProbes {
+    users: HashMap<FileId, HashSet<u32>>,
+    files: HashMap<u32, FileId>,
+}
 
 /// Garbage-collector and object statistics of the traced processes.
 #[derive(Clone, Debug, Default)]
@@ -43,6 +55,16 @@ impl Tracer {
         probes: &[PythonProbe],
     ) -> Result<Vec<AttachedProbe>> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        self.attach_python_probes(path, scope, Owner::Process(pid), probes)
+    }
+
+    fn attach_python_probes(
+        &mut self,
+        path: &Path,
+        scope: UProbeScope,
+        owner: Owner,
+        probes: &[PythonProbe],
+    ) -> Result<Vec<AttachedProbe>> {
         let mut attached = Vec::new();
         for probe in probes {
             let placed = placement::place(&probe.code);
@@ -50,10 +72,10 @@ impl Tracer {
             // The return first, as for libc: an entry without its return would leave
             // the thread claiming a call in flight.
             if let Some(exit) = probe.exit {
-                self.attach_program(exit, offset, path, scope, Owner::Process(pid))
+                self.attach_program(exit, offset, path, scope, owner)
                     .with_context(|| format!("attaching {exit} to {}", probe.symbol))?;
             }
-            self.attach_program(probe.entry, offset, path, scope, Owner::Process(pid))
+            self.attach_program(probe.entry, offset, path, scope, owner)
                 .with_context(|| format!("attaching {} to {}", probe.entry, probe.symbol))?;
             log::debug!("{}: probe at +{}", probe.symbol, placed.offset);
             attached.push(AttachedProbe {
@@ -63,6 +85,57 @@ impl Tracer {
             });
         }
         Ok(attached)
+    }
+
+    /// Like [`Tracer::attach_python`], but the probes are shared by every traced process
+    /// that maps the same interpreter `file`: the first attaches them, node-wide, the BPF
+    /// programs ignore processes not in `TRACED` (needs `filter_processes`), and the last
+    /// user's [`Tracer::untrace`] detaches them.
+    pub fn attach_python_shared(
+        &mut self,
+        pid: u32,
+        path: &Path,
+        file: FileId,
+        probes: &[PythonProbe],
+    ) -> Result<Vec<AttachedProbe>> {
+        let first = !self.python_shared.users.contains_key(&file);
+        let attached = if first {
+            match self.attach_python_probes(
+                path,
+                UProbeScope::AllProcesses,
+                Owner::File(file),
+                probes,
+            ) {
+                Ok(attached) => attached,
+                Err(e) => {
+                    self.detach_owner(Owner::File(file));
+                    return Err(e);
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        self.python_shared
+            .users
+            .entry(file)
+            .or_default()
+            .insert(pid);
+        self.python_shared.files.insert(pid, file);
+        Ok(attached)
+    }
+
+    /// Drops `pid` from the users of its shared interpreter probes; the last one detaches
+    /// them.
+    pub(super) fn untrace_python(&mut self, pid: u32) {
+        let Some(file) = self.python_shared.files.remove(&pid) else {
+            return;
+        };
+        let users = self.python_shared.users.entry(file).or_default();
+        users.remove(&pid);
+        if users.is_empty() {
+            self.python_shared.users.remove(&file);
+            self.detach_owner(Owner::File(file));
+        }
     }
 
     /// The Python frames stored with stack `stack_id` (empty for none).
