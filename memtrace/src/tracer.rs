@@ -356,6 +356,12 @@ impl Tracer {
             .try_into()?;
         if self.loaded.insert(name) {
             program.load().map_err(|e| explain_load_error(e.into()))?;
+            if let Ok(info) = program.info() {
+                log::debug!(
+                    "{name}: {:?} instructions verified",
+                    info.verified_instruction_count()
+                );
+            }
         }
         let link = program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
         self.links.entry(owner).or_default().push((name, link));
