@@ -72,6 +72,8 @@ pub struct PythonFile {
     /// Built with LTO (local functions renamed `.lto_priv.N`): pymalloc's fast path is
     /// inlined into its callers, so exact mode misses most allocations.
     pub lto: bool,
+    /// Loadable segments: (virtual address, file offset, file size).
+    segments: Vec<(u64, u64, u64)>,
 }
 
 /// A symbol of the interpreter's file.
@@ -251,6 +253,7 @@ impl PythonFile {
             functions,
             symbols_note: note,
             lto,
+            segments: segments.iter().map(|(a, _, o, s)| (*a, *o, *s)).collect(),
         }))
     }
 
@@ -446,10 +449,10 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
             continue;
         }
         let readable = process::in_root(pid, &mapping.path);
-        let Some(python) = PythonFile::open(&readable)? else {
+        let Some(python) = open_cached(&readable, mapping.file)? else {
             continue;
         };
-        let bias = load_bias(&readable, mapping.start, mapping.offset)?;
+        let bias = python.load_bias(mapping.start, mapping.offset)?;
         return Ok(Some(FoundPython {
             file: python,
             bias,
@@ -460,22 +463,38 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
     Ok(None)
 }
 
-/// The load bias of the ELF object at `path` whose bytes from `file_offset` are mapped at
-/// `start`: runtime address = bias + virtual address.
-fn load_bias(path: &Path, start: u64, file_offset: u64) -> Result<u64> {
-    let data = std::fs::read(path)?;
-    let file = object::File::parse(&*data)?;
-    for segment in file.segments() {
-        let (offset, size) = segment.file_range();
-        if file_offset >= offset && file_offset < offset + size.max(1) {
-            let vaddr = segment.address() + (file_offset - offset);
-            return Ok(start.wrapping_sub(vaddr));
+/// [`PythonFile::open`], once per file (device, inode) for the life of memtrace: the agent
+/// meets the same libpython in every worker process, and reading it costs tens of MB.
+fn open_cached(path: &Path, file: crate::process::FileId) -> Result<Option<PythonFile>> {
+    type Cache = HashMap<crate::process::FileId, Result<Option<PythonFile>, String>>;
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&file) {
+        let mut found = found.clone().map_err(anyhow::Error::msg)?;
+        if let Some(python) = &mut found {
+            python.path = path.to_owned(); // this process's view of it
         }
+        return Ok(found);
     }
-    bail!(
-        "{}: no segment holds offset {file_offset:#x}",
-        path.display()
-    )
+    let opened = PythonFile::open(path).map_err(|e| format!("{e:#}"));
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(file, opened.clone());
+    opened.map_err(anyhow::Error::msg)
+}
+
+impl PythonFile {
+    /// The load bias when the file's bytes from `file_offset` are mapped at `start`:
+    /// runtime address = bias + virtual address.
+    fn load_bias(&self, start: u64, file_offset: u64) -> Result<u64> {
+        for (vaddr, offset, size) in &self.segments {
+            if file_offset >= *offset && file_offset < offset + (*size).max(1) {
+                return Ok(start.wrapping_sub(vaddr + (file_offset - offset)));
+            }
+        }
+        bail!("{}: no segment holds offset {file_offset:#x}", self.path.display())
+    }
 }
 
 /// The interpreter a program will run on before it starts: the program itself (a static
