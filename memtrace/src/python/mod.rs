@@ -493,7 +493,10 @@ impl PythonFile {
                 return Ok(start.wrapping_sub(vaddr + (file_offset - offset)));
             }
         }
-        bail!("{}: no segment holds offset {file_offset:#x}", self.path.display())
+        bail!(
+            "{}: no segment holds offset {file_offset:#x}",
+            self.path.display()
+        )
     }
 }
 
