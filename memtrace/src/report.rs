@@ -120,6 +120,8 @@ pub struct Resolver {
     /// CPython processes: their code objects, and the interpreter's path as the process
     /// sees it.
     python: Option<(CodeReader, String)>,
+    /// Stack ids whose code objects were checked (each once, when first seen).
+    python_seen: std::collections::HashSet<u64>,
 }
 
 impl Resolver {
@@ -128,6 +130,7 @@ impl Resolver {
             pid,
             map: MemoryMap::default(),
             python: None,
+            python_seen: Default::default(),
         }
     }
 
@@ -166,9 +169,16 @@ impl Resolver {
             .filter(|s| s.key.tgid == self.pid)
             .collect();
         if let Some((reader, _)) = &mut self.python {
-            // Code objects are read from the live process, once each.
-            for frame in stacks.iter().flat_map(|s| &s.python) {
-                reader.learn(frame.code);
+            // Code objects are read from the live process, once each; a new stack's are
+            // checked to still be the ones cached (an address can be reused).
+            for stack in stacks.iter().filter(|s| !s.python.is_empty()) {
+                let new = self.python_seen.insert(stack.key.stack_id);
+                for frame in &stack.python {
+                    if new {
+                        reader.revalidate(frame.code);
+                    }
+                    reader.learn(frame.code);
+                }
             }
         }
         let addresses: Vec<u64> = stacks.into_iter().flat_map(return_addresses).collect();

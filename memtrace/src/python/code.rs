@@ -19,6 +19,9 @@ pub struct CodeInfo {
     pub firstlineno: u32,
     pub firsttraceable: i64,
     pub linetable: Vec<u8>,
+    /// The addresses of its location table and name objects: a code object freed and
+    /// another allocated at its address has other ones.
+    identity: (u64, u64),
 }
 
 /// Reads code objects of one process, caching each by address.
@@ -83,7 +86,27 @@ impl CodeReader {
             firstlineno,
             firsttraceable: i64::from(firsttraceable),
             linetable: self.read_bytes_object(linetable)?,
+            identity: (linetable, qualname),
         })
+    }
+
+    /// Re-reads `code` if the object at that address is no longer the one cached (freed,
+    /// and another code object allocated there): two pointer reads. Call it for frames of
+    /// stacks seen for the first time.
+    pub fn revalidate(&mut self, code: u64) {
+        let Some(Some(cached)) = self.cache.get(&code) else {
+            return;
+        };
+        let expected = cached.identity;
+        let linetable = self.read_ptr(code + u64::from(self.layout.code_linetable));
+        let qualname = self.read_ptr(code + u64::from(self.layout.code_qualname));
+        if let (Some(linetable), Some(qualname)) = (linetable, qualname)
+            && (linetable, qualname) != expected
+        {
+            log::debug!("pid {}: code object {code:#x} was replaced", self.pid);
+            self.cache.remove(&code);
+            self.learn(code);
+        }
     }
 
     fn read(&mut self, address: u64, len: usize) -> Option<Vec<u8>> {
@@ -262,6 +285,62 @@ mod tests {
         // Code 14 (long form): svarint -3 (7), then end line, column, end column.
         let t = vec![0x80 | (14 << 3), 7, 0, 1, 1];
         assert_eq!(line_of(&t, 10, 0), Some(7));
+    }
+
+    /// A compact ASCII `str` object as 3.11 lays it out (data at 48).
+    fn fake_str(text: &str) -> Vec<u64> {
+        let mut words = vec![0u64; 6 + text.len() / 8 + 1];
+        words[2] = text.len() as u64; // length at +16
+        words[4] = (1 << 2) | (1 << 5) | (1 << 6); // kind 1, compact, ascii at +32
+        let bytes: &mut [u8] = bytemuck_words(&mut words);
+        bytes[48..48 + text.len()].copy_from_slice(text.as_bytes());
+        words
+    }
+
+    fn bytemuck_words(words: &mut [u64]) -> &mut [u8] {
+        // SAFETY: u64 has no invalid bit patterns and a stricter alignment than u8.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 8) }
+    }
+
+    /// A `bytes` object (size at +16, data at +32).
+    fn fake_bytes(data: &[u8]) -> Vec<u64> {
+        let mut words = vec![0u64; 4 + data.len() / 8 + 1];
+        words[2] = data.len() as u64;
+        bytemuck_words(&mut words)[32..32 + data.len()].copy_from_slice(data);
+        words
+    }
+
+    /// Reads fake code objects from this very process, and notices when the object at a
+    /// cached address is replaced by another.
+    #[test]
+    fn code_objects_are_read_and_revalidated() {
+        let layout = super::super::layout::for_version(3, 11, None).unwrap();
+        let file = fake_str("/app/views.py");
+        let (first, second) = (fake_str("Cache.put"), fake_str("other"));
+        let lines = fake_bytes(&table());
+        let other_lines = fake_bytes(&table());
+        let mut code = vec![0u64; 32];
+        let set = |code: &mut Vec<u64>, name: &Vec<u64>, table: &Vec<u64>| {
+            code[layout.code_filename as usize / 8] = file.as_ptr() as u64;
+            code[layout.code_qualname as usize / 8] = name.as_ptr() as u64;
+            code[layout.code_linetable as usize / 8] = table.as_ptr() as u64;
+            code[layout.code_firstlineno as usize / 8] = 10; // low half: firstlineno
+            code[layout.code_firsttraceable as usize / 8] = 0;
+        };
+        set(&mut code, &first, &lines);
+        let address = code.as_ptr() as u64;
+        let mut reader = CodeReader::new(std::process::id(), layout, [0, 0]);
+        reader.learn(address);
+        let info = reader.get(address).expect("readable");
+        assert_eq!(info.qualname, "Cache.put");
+        assert_eq!(info.filename, "/app/views.py");
+        assert_eq!(line_of(&info.linetable, info.firstlineno, 2), Some(11));
+
+        set(&mut code, &second, &other_lines);
+        reader.learn(address);
+        assert_eq!(reader.get(address).unwrap().qualname, "Cache.put", "cached");
+        reader.revalidate(address);
+        assert_eq!(reader.get(address).unwrap().qualname, "other");
     }
 
     #[test]
