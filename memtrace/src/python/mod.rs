@@ -453,6 +453,18 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
             continue;
         };
         let bias = python.load_bias(mapping.start, mapping.offset)?;
+        let mut python = python;
+        if python.version.1 >= 13 {
+            // The live `_Py_DebugOffsets` (the file's copy is the same bytes: it is
+            // statically initialised; the process's is the authority).
+            let mut bytes = vec![0; 600];
+            let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+            std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, bias + python.runtime)
+                .with_context(|| format!("reading _Py_DebugOffsets of pid {pid}"))?;
+            python.layout =
+                layout::for_version(python.version.0, python.version.1, Some(&bytes))?;
+            python.layout.check()?;
+        }
         return Ok(Some(FoundPython {
             file: python,
             bias,
