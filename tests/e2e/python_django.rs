@@ -107,3 +107,90 @@ fn python_worker_leaking_task() {
         "resize_image, which keeps nothing, holds {resize} bytes\n{stacks}"
     );
 }
+
+/// The agent on the Django app under a steady, bounded load: the leaking view becomes a
+/// suspect with its Python line as site; the non-leaking view never does.
+#[test]
+fn python_agent_django_suspects() {
+    use crate::agent_util::{Agent, THRESHOLD};
+    use std::time::{Duration, Instant};
+
+    let _serial = serial();
+    require_root();
+    let python = django_python();
+    let app = python_fixture("django_app.py");
+    let leak_line = marked_line(&app, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let port_file = dir.path().join("port");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&app).arg(&port_file);
+    let server = Proc::spawn("django_app.py", cmd);
+    let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
+        .trim()
+        .parse()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for path in ["/leak", "/fine"].repeat(20) {
+        http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let pid = server.pid().to_string();
+    let agent = Agent::start(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "500ms",
+        "--window",
+        "15s",
+        "--threshold",
+        &THRESHOLD.to_string(),
+        "--python",
+        "exact",
+    ]);
+    agent.wait_traced(1, WAIT_TIMEOUT);
+    agent
+        .proc
+        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
+            l.contains("CPython")
+        });
+
+    let site = format!("leaky_view (django_app.py:{leak_line})");
+    let started = Instant::now();
+    let mut next_check = started;
+    let mut leak_found: Option<Duration> = None;
+    // Bounded: at most 45 s of load, and at least 20 s so that the other view has had its
+    // chance to look like a leak.
+    while started.elapsed() < Duration::from_secs(45)
+        && !(leak_found.is_some() && started.elapsed() >= Duration::from_secs(20))
+    {
+        for path in ["/leak", "/fine"] {
+            let response = http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(response.status, 200, "{path}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() >= next_check {
+            next_check += Duration::from_millis(500);
+            for suspect in agent.suspects() {
+                assert!(
+                    !suspect
+                        .frames
+                        .iter()
+                        .any(|f| f.function.as_deref() == Some("fine_view")),
+                    "fine_view became a suspect at {:?}: {suspect:?}",
+                    started.elapsed()
+                );
+                if suspect.site == site && leak_found.is_none() {
+                    leak_found = Some(started.elapsed());
+                }
+            }
+        }
+    }
+    let found = leak_found.unwrap_or_else(|| {
+        panic!(
+            "no suspect with site {site:?} within 45 s; suspects: {:?}\n--- agent stderr ---\n{}",
+            agent.suspects().iter().map(|s| &s.site).collect::<Vec<_>>(),
+            agent.stderr()
+        )
+    });
+    eprintln!("leaky_view became a suspect after {found:?}");
+    drop(server);
+}

@@ -461,8 +461,7 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
             let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
             std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, bias + python.runtime)
                 .with_context(|| format!("reading _Py_DebugOffsets of pid {pid}"))?;
-            python.layout =
-                layout::for_version(python.version.0, python.version.1, Some(&bytes))?;
+            python.layout = layout::for_version(python.version.0, python.version.1, Some(&bytes))?;
             python.layout.check()?;
         }
         return Ok(Some(FoundPython {
