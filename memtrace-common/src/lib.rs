@@ -6,6 +6,8 @@
 //! BPF side never depends on `aya`.
 #![no_std]
 
+pub mod python;
+
 /// Names of the maps in the BPF object, as userspace looks them up.
 pub mod maps {
     /// Per-thread state between an allocator's entry and its return (LRU: slots of

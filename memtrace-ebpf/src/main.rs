@@ -18,6 +18,8 @@
 // Map keys and values are passed by reference on purpose: copies cost BPF stack (512 B).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod python;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -261,6 +263,8 @@ fn walk_stack_from(caller: u64, fp: u64) -> u64 {
         fp = next;
     }
     frames.len = len as u32;
+    // A Python process: its interpreter frames are part of the stack.
+    let hash = python::extend_stack(hash);
     let id = if hash == NO_STACK { 1 } else { hash };
     let seen = STACKS_SEEN.get_ptr_mut((id % STACKS_SEEN_SLOTS as u64) as u32);
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.

@@ -27,6 +27,7 @@ use crate::{
     policy::Policy,
     preflight, process,
     profile::ProfileSample,
+    python::{PythonMode, agent::PythonMetrics, session::PythonTarget},
     report::{self, Frame, Resolver},
     symbolize::Symbolizer,
     tracer::{Snapshot, Tracer, TracerOptions},
@@ -183,6 +184,7 @@ pub struct Agent {
     escalating: bool,
     /// Containers watched but not escalated: their stacks keep what was learned.
     frozen: HashSet<u64>,
+    python_metrics: PythonMetrics,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -276,7 +278,9 @@ impl Agent {
                 "--probes escalate needs the always-on tier: probes go on every traced process"
             );
         }
+        let python_metrics = PythonMetrics::new(&metrics.registry)?;
         Ok(Self {
+            python_metrics,
             escalation: Escalation::new(args.escalate_for),
             args,
             detector,
@@ -435,6 +439,12 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
+        let python = self.tracer.python_stats(&tgids)?;
+        self.python_metrics.publish(
+            &python,
+            |cgroup_id| labels_of(&labels, cgroup_id),
+            &self.metrics.dropped_events,
+        );
         self.enforce_budget(&snapshot, &labels);
         self.update_series(sums, &labels);
         self.publish(&snapshot, &labels);
@@ -616,6 +626,9 @@ impl Agent {
                 log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
             }
             self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
+            for pid in &gone {
+                self.python_metrics.forget(*pid);
+            }
         }
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         for (pid, path) in wanted {
@@ -676,6 +689,17 @@ impl Agent {
         resolver.refresh_map();
         self.tracer
             .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
+        // CPython: its frames in stacks, and its allocator probes of --python's mode.
+        // Probes shared per interpreter file, like libc's, except in exact mode: untraced
+        // processes mapping the same file would then trap on every object they allocate.
+        let shared = self.args.python != PythonMode::Exact;
+        PythonTarget::running(
+            &mut self.tracer,
+            &mut resolver,
+            pid,
+            self.args.python,
+            shared,
+        );
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)
@@ -868,11 +892,7 @@ impl Agent {
                 .or_insert_with(|| StackState {
                     series: Series::new(),
                     assessment: Assessment::default(),
-                    site: sum
-                        .frames
-                        .first()
-                        .map(Frame::site)
-                        .unwrap_or_else(|| "[no stack]".into()),
+                    site: report::site(&sum.frames),
                     frames: sum.frames.clone(),
                     bytes: 0,
                     count: 0,

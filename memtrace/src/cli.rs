@@ -176,6 +176,12 @@ pub struct AgentArgs {
     /// How long a process detached for its budget stays untraced.
     #[arg(long, env = "MEMTRACE_BUDGET_RETRY", default_value = "10m", value_parser = parse_duration)]
     pub budget_retry: std::time::Duration,
+
+    /// CPython processes: `growth` (Python frames, pymalloc's pool refills, GC
+    /// statistics: cheap), `exact` (also every object allocation: a trap per object),
+    /// `frames` (frames and GC only), `off`.
+    #[arg(long, env = "MEMTRACE_PYTHON", value_enum, default_value_t = crate::python::PythonMode::Growth)]
+    pub python: crate::python::PythonMode,
 }
 
 /// `memtrace calibrate`.
@@ -265,6 +271,17 @@ pub struct TopArgs {
     /// Growth tier: walk the stack of every Nth populating page fault per CPU.
     #[arg(long, env = "MEMTRACE_FAULT_SAMPLE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub fault_sample: u64,
+
+    /// CPython processes: `frames` puts Python frames in stacks; `growth` also counts
+    /// pymalloc's pool refills (cheap); `exact` also traces every object allocation
+    /// (a trap per object: for bounded investigations); `off` shows native stacks only.
+    #[arg(long, env = "MEMTRACE_PYTHON", value_enum, default_value_t = crate::python::PythonMode::Frames)]
+    pub python: crate::python::PythonMode,
+
+    /// Attach no probe to libc: with `--python growth`, only pymalloc's pool refills trap
+    /// (the cheapest way to watch a Python process; its native allocations go unseen).
+    #[arg(long, env = "MEMTRACE_NO_LIBC")]
+    pub no_libc: bool,
 
     /// The command to start and trace from its first instruction.
     #[arg(last = true, value_name = "CMD")]

@@ -126,6 +126,8 @@ impl Tracer {
                 key,
                 usage,
                 frames: self.frames(key.stack_id)?,
+                // Page faults come with native stacks only.
+                python: Vec::new(),
             });
         }
         snapshot.totals = totals.into_iter().collect();

@@ -25,6 +25,7 @@ pub mod policy;
 pub mod preflight;
 pub mod process;
 pub mod profile;
+pub mod python;
 pub mod report;
 pub mod sweep;
 pub mod symbolize;

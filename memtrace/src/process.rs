@@ -77,6 +77,11 @@ impl MemoryMap {
         self.mappings.is_empty()
     }
 
+    /// Every executable file mapping, by address.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
     /// The mapping containing `addr`.
     pub fn find(&self, addr: u64) -> Option<&Mapping> {
         let index = self

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::{
     process::{self, FileId, MemoryMap},
+    python::{Layout, code::CodeReader, merge},
     symbolize::Symbolizer,
     tracer::{Snapshot, StackUsage},
 };
@@ -22,6 +23,9 @@ pub struct Report {
     pub sample_bytes: u64,
     pub totals: Totals,
     pub stacks: Vec<StackReport>,
+    /// CPython processes: version, mode, garbage collections, live objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<crate::python::session::PythonSummary>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -85,6 +89,18 @@ impl Frame {
     }
 }
 
+/// The site a stack is labelled with: its innermost Python frame when it has one (for a
+/// Python program that is the line to look at; the native allocator under it is not), else
+/// its innermost frame.
+pub fn site(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .find(|f| f.module == crate::python::merge::PYTHON_MODULE && f.function.is_some())
+        .or(frames.first())
+        .map(Frame::site)
+        .unwrap_or_else(|| "[no stack]".into())
+}
+
 /// The frames of a stack as return addresses, innermost first, starting at the
 /// allocator's caller.
 pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
@@ -101,6 +117,11 @@ pub fn return_addresses(stack: &StackUsage) -> Vec<u64> {
 pub struct Resolver {
     pid: u32,
     map: MemoryMap,
+    /// CPython processes: their code objects, and the interpreter's path as the process
+    /// sees it.
+    python: Option<(CodeReader, String)>,
+    /// Stack ids whose code objects were checked (each once, when first seen).
+    python_seen: std::collections::HashSet<u64>,
 }
 
 impl Resolver {
@@ -108,7 +129,18 @@ impl Resolver {
         Self {
             pid,
             map: MemoryMap::default(),
+            python: None,
+            python_seen: Default::default(),
         }
+    }
+
+    /// Puts this process's Python frames into its stacks: `interpreter` is the path of
+    /// the interpreter's file as the process maps it.
+    pub fn set_python(&mut self, layout: Layout, skip_code: [u64; 2], interpreter: &Path) {
+        self.python = Some((
+            CodeReader::new(self.pid, layout, skip_code),
+            interpreter.display().to_string(),
+        ));
     }
 
     pub fn pid(&self) -> u32 {
@@ -132,11 +164,24 @@ impl Resolver {
         stacks: impl IntoIterator<Item = &'a StackUsage>,
         symbolizer: &mut Symbolizer,
     ) {
-        let addresses: Vec<u64> = stacks
+        let stacks: Vec<&StackUsage> = stacks
             .into_iter()
             .filter(|s| s.key.tgid == self.pid)
-            .flat_map(return_addresses)
             .collect();
+        if let Some((reader, _)) = &mut self.python {
+            // Code objects are read from the live process, once each; a new stack's are
+            // checked to still be the ones cached (an address can be reused).
+            for stack in stacks.iter().filter(|s| !s.python.is_empty()) {
+                let new = self.python_seen.insert(stack.key.stack_id);
+                for frame in &stack.python {
+                    if new {
+                        reader.revalidate(frame.code);
+                    }
+                    reader.learn(frame.code);
+                }
+            }
+        }
+        let addresses: Vec<u64> = stacks.into_iter().flat_map(return_addresses).collect();
         if self.map.is_empty() || addresses.iter().any(|a| self.map.find(*a).is_none()) {
             self.refresh_map();
         }
@@ -164,10 +209,17 @@ impl Resolver {
     /// The stack's id and frames, innermost first, from what [`Resolver::learn`] resolved.
     pub fn stack(&self, stack: &StackUsage, symbolizer: &Symbolizer) -> (String, Vec<Frame>) {
         let addresses = return_addresses(stack);
-        let frames = addresses
+        let frames: Vec<Frame> = addresses
             .iter()
             .map(|a| self.frame(*a, symbolizer))
             .collect();
+        if let Some((reader, interpreter)) = &self.python
+            && !stack.python.is_empty()
+        {
+            let python = merge::python_frames(reader, &stack.python);
+            let frames = merge::merge(frames, python, |f| f.module == *interpreter);
+            return (merge::stack_id(&frames), frames);
+        }
         (self.stack_id(&addresses), frames)
     }
 
@@ -257,6 +309,7 @@ pub fn process_report(
         sample_bytes,
         totals,
         stacks,
+        python: None,
     }
 }
 
@@ -371,6 +424,7 @@ mod tests {
             },
             usage: Default::default(),
             frames: vec![0x10, 0x20, 0, 0x30],
+            python: Vec::new(),
         };
         assert_eq!(return_addresses(&stack), vec![0x10, 0x20]);
     }

@@ -19,9 +19,10 @@ use crate::{
     elf::ElfFile,
     launch::{self, ChildEvent, TracedChild},
     preflight, process,
+    python::session::PythonTarget,
     report::{self, Resolver, Target},
     symbolize::Symbolizer,
-    tracer::{Snapshot, Tracer, TracerOptions},
+    tracer::{AttachSummary, Snapshot, Tracer, TracerOptions},
 };
 
 /// How often the loop wakes to check for exit, the deadline and Ctrl-C.
@@ -63,6 +64,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     }
 
     // Everything that can be checked about the target is checked before loading BPF.
+    let mut program_path = None;
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
@@ -75,6 +77,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
             let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
             // Not from /proc: the child has not exec'd yet.
             let command = args.command.join(" ");
+            program_path = Some(program.clone());
             (
                 Traced::Child(TracedChild::spawn(&program, rest)?),
                 libc,
@@ -93,14 +96,18 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     if let Traced::Running { .. } = traced {
         resolver.refresh_map();
     }
-    let attached = tracer.attach_libc(
-        pid,
-        if readable_libc.exists() {
-            &readable_libc
-        } else {
-            &libc
-        },
-    );
+    let attached = if args.no_libc {
+        Ok(AttachSummary::default())
+    } else {
+        tracer.attach_libc(
+            pid,
+            if readable_libc.exists() {
+                &readable_libc
+            } else {
+                &libc
+            },
+        )
+    };
     let summary = match attached {
         Ok(summary) => summary,
         Err(e) if !process::exists(pid) => {
@@ -123,11 +130,15 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         Err(e) => return Err(e),
     };
     let cheap = summary.probes.iter().filter(|p| p.emulated).count();
-    eprintln!(
-        "memtrace: attached {} probes to {} in pid {pid} ({cheap} on emulated instructions)",
-        summary.probes.len(),
-        libc.display(),
-    );
+    if args.no_libc {
+        eprintln!("memtrace: no libc probes (--no-libc): native allocations are not traced");
+    } else {
+        eprintln!(
+            "memtrace: attached {} probes to {} in pid {pid} ({cheap} on emulated instructions)",
+            summary.probes.len(),
+            libc.display(),
+        );
+    }
     if !summary.missing.is_empty() {
         log::info!(
             "{} lacks {}: not traced",
@@ -135,6 +146,11 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
             summary.missing.join(", ")
         );
     }
+
+    let python = match &program_path {
+        Some(program) => PythonTarget::program(&mut tracer, pid, program, args.python),
+        None => PythonTarget::running(&mut tracer, &mut resolver, pid, args.python, false),
+    };
 
     install_interrupt_handler();
     if let Traced::Child(child) = &traced {
@@ -144,6 +160,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         &args,
         &mut tracer,
         resolver,
+        python,
         traced,
         command,
         options.sample_bytes,
@@ -183,7 +200,7 @@ fn run_growth(args: TopArgs, options: TracerOptions) -> Result<ExitCode> {
     if let Traced::Child(child) = &traced {
         child.resume();
     }
-    trace(&args, &mut tracer, resolver, traced, command, 1)
+    trace(&args, &mut tracer, resolver, None, traced, command, 1)
 }
 
 /// This run's numbers: allocator usage (exact tier) or page-fault growth.
@@ -216,6 +233,7 @@ fn trace(
     args: &TopArgs,
     tracer: &mut Tracer,
     mut resolver: Resolver,
+    mut python: Option<PythonTarget>,
     traced: Traced,
     command: String,
     sample_bytes: u64,
@@ -263,6 +281,9 @@ fn trace(
                 std::thread::sleep(TICK);
             }
         }
+        if let Some(python) = python.as_mut().filter(|p| !p.is_configured()) {
+            python.poll(tracer, &mut resolver);
+        }
         if Instant::now() >= next_refresh {
             next_refresh += interval;
             if let Err(e) = tracer.sweep_freed(false) {
@@ -294,7 +315,7 @@ fn trace(
 
     let snapshot = read(args, tracer, &tgids)?;
     resolver.learn(&snapshot.stacks, &mut symbolizer);
-    let report = report::process_report(
+    let mut report = report::process_report(
         &snapshot,
         &resolver,
         &symbolizer,
@@ -302,6 +323,9 @@ fn trace(
         started.elapsed().as_secs_f64(),
         sample_bytes,
     );
+    if let Some(python) = &python {
+        report.python = python.summary(tracer)?;
+    }
     if let Some(note) = exit_note {
         eprintln!("memtrace: {note}");
     }

@@ -22,6 +22,9 @@ use memtrace_common::{
 
 use crate::{elf::ElfFile, placement, process::FileId};
 
+mod python_maps;
+pub use python_maps::PythonStats;
+
 /// The BPF object built by `build.rs` (see `cargo xtask build-ebpf`).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace.bpf.o"));
 
@@ -136,6 +139,8 @@ pub struct StackUsage {
     /// Return addresses, innermost first, starting at the allocator's caller; empty when
     /// the stack was not walked.
     pub frames: Vec<u64>,
+    /// The Python frames running at that stack, innermost first (CPython processes).
+    pub python: Vec<memtrace_common::python::PyFrame>,
 }
 
 /// Everything memtrace knows at one instant.
@@ -159,6 +164,8 @@ pub struct Tracer {
     sweep_epoch: u64,
     /// Stack ids are hashes of their frames: an id always means the same stack.
     stack_cache: HashMap<u64, Vec<u64>>,
+    python_cache: HashMap<u64, Vec<memtrace_common::python::PyFrame>>,
+    python_shared: python_maps::SharedProbes,
     loaded: HashSet<&'static str>,
     /// Links per owner (a process, or a libc file shared by traced processes).
     links: HashMap<Owner, Vec<(&'static str, UProbeLinkId)>>,
@@ -204,6 +211,7 @@ impl Tracer {
             .override_global(globals::FAULT_SAMPLE, &options.fault_sample.max(1), true)
             .map_max_entries(maps::ALLOCS, options.max_allocations)
             .map_max_entries(maps::STACKS, options.max_stacks)
+            .map_max_entries(memtrace_common::python::maps::PY_STACKS, options.max_stacks)
             .load(BPF_OBJECT)
             .map_err(|e| explain_load_error(e.into()))?;
         Ok(Self {
@@ -213,6 +221,8 @@ impl Tracer {
             freed_deleted: 0,
             sweep_epoch: 0,
             stack_cache: HashMap::new(),
+            python_cache: HashMap::new(),
+            python_shared: Default::default(),
             loaded: HashSet::new(),
             links: HashMap::new(),
             shared_users: HashMap::new(),
@@ -274,6 +284,7 @@ impl Tracer {
     /// Stops tracing `pid`, attached by either way: its own probes are detached; a shared
     /// set whose last user goes is left for [`Tracer::detach_idle`].
     pub fn untrace(&mut self, pid: u32) {
+        self.untrace_python(pid);
         self.untrace_pid(pid);
         self.detach_owner(Owner::Process(pid));
         if let Some(file) = self.pid_files.remove(&pid) {
@@ -402,6 +413,12 @@ impl Tracer {
             .try_into()?;
         if self.loaded.insert(name) {
             program.load().map_err(|e| explain_load_error(e.into()))?;
+            if let Ok(info) = program.info() {
+                log::debug!(
+                    "{name}: {:?} instructions verified",
+                    info.verified_instruction_count()
+                );
+            }
         }
         let link = program.attach(UProbeAttachLocation::AbsoluteOffset(offset), target, scope)?;
         self.links.entry(owner).or_default().push((name, link));
@@ -510,7 +527,7 @@ impl Tracer {
         self.purge_allocs(tgids)?;
         purge::<AllocKey, AllocInfo>(self.map_mut(maps::MMAPS)?, |k| gone(k.tgid))?;
         purge::<u64, ThreadState>(self.map_mut(maps::THREADS)?, |k| gone((k >> 32) as u32))?;
-        Ok(())
+        self.forget_python(tgids)
     }
 
     /// Deletes the `ALLOCS` entries of `tgid`, noting how many were freed entries.
@@ -575,7 +592,14 @@ impl Tracer {
                 key,
                 usage: value,
                 frames,
+                python: Vec::new(),
             });
+        }
+
+        for stack in &mut snapshot.stacks {
+            if !stack.frames.is_empty() {
+                stack.python = self.python_frames(stack.key.stack_id);
+            }
         }
 
         let totals: PerCpuHashMap<&MapData, ProcessKey, ProcessTotals> =

@@ -299,6 +299,7 @@ const AGENT_ENV: &[&str] = &[
     "MEMTRACE_PROBES",
     "MEMTRACE_ESCALATE_FOR",
     "MEMTRACE_FAULT_SAMPLE",
+    "MEMTRACE_PYTHON",
 ];
 
 impl Agent {

@@ -11,6 +11,7 @@ mod agent_util;
 mod deploy_util;
 mod pods_util;
 mod prometheus;
+mod python_util;
 mod util;
 
 mod agent_attach_errors;
@@ -36,6 +37,9 @@ mod nested;
 mod pods_churn;
 mod pods_labels;
 mod pods_libc;
+mod python_agent;
+mod python_django;
+mod python_frames;
 mod realloc;
 mod sampling;
 mod threads;

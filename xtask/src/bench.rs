@@ -123,6 +123,8 @@ pub fn run(root: &Path) -> Result<()> {
 
     // The agent's own cost and its /metrics scrape: tables in target/bench-agent.md.
     crate::bench_agent::run(root, &target_dir)?;
+    // Django requests/s untraced and per --python mode: target/bench-python.md.
+    crate::bench_python::run(root, &target_dir)?;
     Ok(())
 }
 
@@ -161,7 +163,7 @@ fn ensure_bpftrace() -> Result<()> {
 }
 
 /// Where cargo (and so criterion) writes: `$CARGO_TARGET_DIR`, else `<root>/target`.
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),

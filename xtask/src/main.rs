@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_agent;
+mod bench_python;
 mod ebpf_build;
 
 #[derive(Parser)]
@@ -32,6 +33,8 @@ enum Task {
     Test,
     /// Run the overhead benchmark and print its table.
     Bench,
+    /// Only the Python part of the benchmark (Django requests/s per --python mode).
+    BenchPython,
 }
 
 fn main() -> ExitCode {
@@ -70,7 +73,14 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test => {
             ensure_bpf_toolchain()?;
-            ensure_debian_packages(&["libc6-dev", "gcc", "util-linux", "prometheus"])?;
+            // python3.11-dbg: pymalloc's refill function in Debian's stripped python3.11 (growth mode).
+            ensure_debian_packages(&[
+                "libc6-dev",
+                "gcc",
+                "util-linux",
+                "prometheus",
+                "python3.11-dbg",
+            ])?;
             run_cmd(cargo(&root).args(["build", "-p", "memtrace"]))?;
             // BPF and fixture processes share kernel state: one test at a time.
             run_cmd(
@@ -90,6 +100,10 @@ fn run(task: Task) -> Result<()> {
         Task::Bench => {
             ensure_bpf_toolchain()?;
             bench::run(&root)?;
+        }
+        Task::BenchPython => {
+            ensure_bpf_toolchain()?;
+            bench_python::run(&root, &bench::target_dir(&root))?;
         }
     }
     Ok(())

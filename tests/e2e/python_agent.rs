@@ -1,0 +1,172 @@
+//! The agent on a CPython process: Python frames in its flame graph, garbage-collector
+//! counts and durations, and live objects (exact mode) on /metrics.
+use std::{process::Command, time::Duration};
+
+use crate::{agent_util::*, python_util::*, util::*};
+
+#[test]
+fn python_agent_metrics() {
+    let _serial = serial();
+    require_root();
+    let python = pyenv_python("3.12");
+    let fixture = python_fixture("python_leak.py");
+    let leak_line = marked_line(&fixture, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let iterations = 10_000;
+    let mut cmd = Command::new(&python);
+    cmd.arg(&fixture)
+        .arg(iterations.to_string())
+        .arg("--start-file")
+        .arg(&start);
+    let target = Proc::spawn("python_leak.py", cmd);
+    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
+        l.starts_with("ready")
+    });
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&["--pid", &pid, "--interval", "500ms", "--python", "exact"]);
+    agent.wait_traced(1, WAIT_TIMEOUT);
+    agent
+        .proc
+        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
+            l.contains("CPython")
+        });
+    std::fs::write(&start, b"go").unwrap();
+    target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
+        l.starts_with("done")
+    });
+
+    let container = agent.wait_for("Python GC and live objects", WAIT_TIMEOUT, |s| {
+        let collections: f64 = s
+            .series("memtrace_python_gc_collections_total", &[])
+            .map(|x| x.value)
+            .sum();
+        let timed: f64 = s
+            .series("memtrace_python_gc_duration_seconds_count", &[])
+            .map(|x| x.value)
+            .sum();
+        let live = s
+            .series("memtrace_python_live_objects", &[])
+            .map(|x| x.value)
+            .fold(0.0, f64::max);
+        let container = s
+            .series("memtrace_python_live_objects", &[])
+            .next()
+            .map(|x| x.label("container").to_owned())?;
+        (collections > 0.0 && timed == collections && live >= iterations as f64)
+            .then_some(container)
+    });
+    let scrape = agent.scrape();
+    assert!(
+        scrape
+            .series(
+                "memtrace_python_gc_duration_seconds_bucket",
+                &[("le", "+Inf")]
+            )
+            .next()
+            .is_some(),
+        "the GC histogram has no +Inf bucket\n{}",
+        scrape.memtrace_lines()
+    );
+    let svg = agent
+        .get(&format!(
+            "/flamegraph.svg?container={}",
+            url_encode(&container)
+        ))
+        .text();
+    assert!(
+        svg.contains(&format!("leak (python_leak.py:{leak_line})")),
+        "the flame graph has no Python frame leak (python_leak.py:{leak_line})"
+    );
+    // Python stacks are labelled with their Python line, not the native allocator.
+    let site = format!("leak (python_leak.py:{leak_line})");
+    let deadline = std::time::Instant::now() + WAIT_TIMEOUT;
+    while !scrape_has_site(&agent, &site) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memtrace_leak_suspicion series with site {site:?}\n{}",
+            agent.scrape().memtrace_lines()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(target);
+}
+
+fn scrape_has_site(agent: &Agent, site: &str) -> bool {
+    agent
+        .scrape()
+        .series("memtrace_leak_suspicion", &[("site", site)])
+        .next()
+        .is_some()
+}
+
+/// Two CPython processes on one libpython share one set of interpreter probes (growth
+/// mode), both get Python frames, and the probes go when the last of them does.
+#[test]
+fn python_agent_shares_interpreter_probes() {
+    let _serial = serial();
+    require_root();
+    let python = pyenv_python("3.12");
+    let fixture = python_fixture("python_leak.py");
+    let leak_line = marked_line(&fixture, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let mut targets: Vec<Proc> = (0..2)
+        .map(|i| {
+            let mut cmd = Command::new(&python);
+            cmd.arg(&fixture)
+                .arg("20000")
+                .arg("--start-file")
+                .arg(&start);
+            let target = Proc::spawn(format!("python_leak.py #{i}"), cmd);
+            target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
+                l.starts_with("ready")
+            });
+            target
+        })
+        .collect();
+    let pids = format!("{},{}", targets[0].pid(), targets[1].pid());
+    let agent = Agent::start(&["--pid", &pids, "--interval", "500ms", "--python", "growth"]);
+    agent.wait_traced(2, WAIT_TIMEOUT);
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        lines.push(agent.proc.wait_for_line(
+            Stream::Stderr,
+            "two CPython lines",
+            WAIT_TIMEOUT,
+            |l| l.contains("CPython"),
+        ));
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("probes on the interpreter"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("sharing the probes"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    std::fs::write(&start, b"go").unwrap();
+    for target in &targets {
+        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
+            l.starts_with("done")
+        });
+    }
+    let site = format!("leak (python_leak.py:{leak_line})");
+    agent.wait_for("the leak's Python site", WAIT_TIMEOUT, |s| {
+        s.series("memtrace_leak_suspicion", &[("site", &site)])
+            .next()
+            .map(|_| ())
+    });
+    targets.clear(); // kills both
+    agent.wait_for("every probe detached", WAIT_TIMEOUT, |s| {
+        (s.value("memtrace_attached_probes", &[]) == Some(0.0)).then_some(())
+    });
+}

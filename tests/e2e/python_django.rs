@@ -1,0 +1,196 @@
+//! A real Django app (from PyPI, in a virtualenv the test makes) served by wsgiref, with
+//! a view that leaks into a module-level cache and one that does not, driven by a bounded
+//! load loop; and a worker-style loop (no HTTP) whose leaking task is found the same way.
+use std::process::Command;
+
+use crate::{python_util::*, util::*};
+
+const KIB: u64 = 1024;
+
+fn runs(stack: &StackEntry, function: &str) -> bool {
+    stack
+        .frames
+        .iter()
+        .any(|f| f.function.as_deref() == Some(function))
+}
+
+#[test]
+fn python_django_leaking_view() {
+    let _serial = serial();
+    require_root();
+    let python = django_python();
+    let app = python_fixture("django_app.py");
+    let leak_line = marked_line(&app, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let port_file = dir.path().join("port");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&app).arg(&port_file);
+    let server = Proc::spawn("django_app.py", cmd);
+    let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
+        .trim()
+        .parse()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Warm up both views first: Django builds its URL resolver and caches lazily.
+    for path in ["/leak", "/fine"].repeat(20) {
+        http_get(addr, path).unwrap_or_else(|e| panic!("{e}\n{}", server.stderr_so_far()));
+    }
+
+    let memtrace = attach_python(server.pid(), &["--python", "exact"]);
+    for i in 0..1500 {
+        let path = if i % 2 == 0 { "/leak" } else { "/fine" };
+        let response = http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+    }
+    let report = stop_python_trace(memtrace);
+    drop(server);
+    let stacks = describe_stacks(&report, 6);
+
+    let top = report.stacks.first().expect("no stacks");
+    assert!(
+        top.frames
+            .iter()
+            .any(|f| is_python_frame(f, "leaky_view", "django_app.py", leak_line)),
+        "the top stack is not leaky_view (django_app.py:{leak_line})\n{stacks}"
+    );
+    // Below the view: Django's request handling, as Python frames.
+    assert!(
+        top.frames
+            .iter()
+            .any(|f| f.file.as_deref().is_some_and(|p| p.contains("/django/"))),
+        "no Django frame under the view\n{stacks}"
+    );
+    let fine: u64 = report
+        .stacks
+        .iter()
+        .filter(|s| runs(s, "fine_view"))
+        .map(|s| s.outstanding_bytes)
+        .sum();
+    assert!(
+        fine < 16 * KIB && fine * 20 < top.outstanding_bytes,
+        "fine_view holds {fine} bytes\n{stacks}"
+    );
+}
+
+#[test]
+fn python_worker_leaking_task() {
+    let _serial = serial();
+    require_root();
+    let python = pyenv_python("3.12");
+    let worker = python_fixture("python_worker.py");
+    let leak_line = marked_line(&worker, "LEAK");
+    let run = trace_python(&python, &worker, &["30000"], &["--python", "growth"]);
+    let report = &run.report;
+    let stacks = describe_stacks(report, 5);
+    let top = report.stacks.first().expect("no stacks");
+    assert!(
+        top.frames.iter().any(|f| is_python_frame(
+            f,
+            "remember_result",
+            "python_worker.py",
+            leak_line
+        )),
+        "the top growth site is not remember_result (python_worker.py:{leak_line})\n{stacks}"
+    );
+    assert!(
+        runs(top, "run_task") && runs(top, "work"),
+        "the worker's loop is not under the task\n{stacks}"
+    );
+    let resize: u64 = report
+        .stacks
+        .iter()
+        .filter(|s| runs(s, "resize_image"))
+        .map(|s| s.outstanding_bytes)
+        .sum();
+    assert!(
+        resize * 10 < top.outstanding_bytes,
+        "resize_image, which keeps nothing, holds {resize} bytes\n{stacks}"
+    );
+}
+
+/// The agent on the Django app under a steady, bounded load: the leaking view becomes a
+/// suspect with its Python line as site; the non-leaking view never does.
+#[test]
+fn python_agent_django_suspects() {
+    use crate::agent_util::{Agent, THRESHOLD};
+    use std::time::{Duration, Instant};
+
+    let _serial = serial();
+    require_root();
+    let python = django_python();
+    let app = python_fixture("django_app.py");
+    let leak_line = marked_line(&app, "LEAK");
+    let dir = tempfile::tempdir().unwrap();
+    let port_file = dir.path().join("port");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&app).arg(&port_file);
+    let server = Proc::spawn("django_app.py", cmd);
+    let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
+        .trim()
+        .parse()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for path in ["/leak", "/fine"].repeat(20) {
+        http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let pid = server.pid().to_string();
+    let agent = Agent::start(&[
+        "--pid",
+        &pid,
+        "--interval",
+        "500ms",
+        "--window",
+        "15s",
+        "--threshold",
+        &THRESHOLD.to_string(),
+        "--python",
+        "exact",
+    ]);
+    agent.wait_traced(1, WAIT_TIMEOUT);
+    agent
+        .proc
+        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
+            l.contains("CPython")
+        });
+
+    let site = format!("leaky_view (django_app.py:{leak_line})");
+    let started = Instant::now();
+    let mut next_check = started;
+    let mut leak_found: Option<Duration> = None;
+    // Bounded: at most 45 s of load, and at least 20 s so that the other view has had its
+    // chance to look like a leak.
+    while started.elapsed() < Duration::from_secs(45)
+        && !(leak_found.is_some() && started.elapsed() >= Duration::from_secs(20))
+    {
+        for path in ["/leak", "/fine"] {
+            let response = http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(response.status, 200, "{path}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() >= next_check {
+            next_check += Duration::from_millis(500);
+            for suspect in agent.suspects() {
+                assert!(
+                    !suspect
+                        .frames
+                        .iter()
+                        .any(|f| f.function.as_deref() == Some("fine_view")),
+                    "fine_view became a suspect at {:?}: {suspect:?}",
+                    started.elapsed()
+                );
+                if suspect.site == site && leak_found.is_none() {
+                    leak_found = Some(started.elapsed());
+                }
+            }
+        }
+    }
+    let found = leak_found.unwrap_or_else(|| {
+        panic!(
+            "no suspect with site {site:?} within 45 s; suspects: {:?}\n--- agent stderr ---\n{}",
+            agent.suspects().iter().map(|s| &s.site).collect::<Vec<_>>(),
+            agent.stderr()
+        )
+    });
+    eprintln!("leaky_view became a suspect after {found:?}");
+    drop(server);
+}
