@@ -164,6 +164,30 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// The environment variables of `memtrace agent`'s flags, from its `--help` (clap prints
+/// `[env: NAME=...]` for each).
+fn agent_env_settings() -> BTreeSet<String> {
+    let finished = crate::util::run_memtrace(["agent", "--help"]);
+    assert!(
+        finished.status.success(),
+        "memtrace agent --help: {}",
+        finished.describe()
+    );
+    let settings: BTreeSet<String> = finished
+        .stdout
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        settings.contains("MEMTRACE_CGROUP"),
+        "no [env: ...] in memtrace agent --help:\n{}",
+        finished.stdout
+    );
+    settings
+}
+
 /// What the agent needs from its DaemonSet, whatever the overlay.
 fn check_daemonset(dir: &str, r: &Rendered) {
     assert_eq!(r.daemonsets.len(), 1, "{dir}: one DaemonSet");
@@ -268,34 +292,35 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         ["all", "opt-in"].contains(&default),
         "{what}: MEMTRACE_TRACE_DEFAULT {default:?}"
     );
-    // Every MEMTRACE_* variable must be one the agent reads.
+    // Every MEMTRACE_* variable must be one the agent reads: a flag's variable, as
+    // `memtrace agent --help` lists them, or the log filter.
+    let settings = agent_env_settings();
     for name in env.keys().filter(|n| n.starts_with("MEMTRACE_")) {
         assert!(
-            [
-                "MEMTRACE_CGROUP",
-                "MEMTRACE_PID",
-                "MEMTRACE_LISTEN",
-                "MEMTRACE_INTERVAL",
-                "MEMTRACE_WINDOW",
-                "MEMTRACE_TOP_K",
-                "MEMTRACE_THRESHOLD",
-                "MEMTRACE_MAX_STACKS",
-                "MEMTRACE_MAX_POINTS",
-                "MEMTRACE_SAMPLE_BYTES",
-                "MEMTRACE_MAX_ALLOCATIONS",
-                "MEMTRACE_MAX_STACK_TRACES",
-                "MEMTRACE_LOG",
-                "MEMTRACE_KUBECONFIG",
-                "MEMTRACE_NODE_NAME",
-                "MEMTRACE_NAMESPACE",
-                "MEMTRACE_EXCLUDE_NAMESPACE",
-                "MEMTRACE_POD_SELECTOR",
-                "MEMTRACE_TRACE_DEFAULT",
-            ]
-            .contains(name),
-            "{what}: {name} is not an agent setting"
+            *name == "MEMTRACE_LOG" || settings.contains(*name),
+            "{what}: {name} is not an agent setting (`memtrace agent --help` lists {settings:?})"
         );
     }
+    // The tiers and the budget are set explicitly: the always-on tier everywhere, probes
+    // only where memory grows, and a CPU budget on.
+    let value = |name: &str| {
+        env.get(name)
+            .and_then(|e| e.value.as_deref())
+            .unwrap_or_else(|| panic!("{what}: no {name}"))
+    };
+    assert_eq!(
+        value("MEMTRACE_PROBES"),
+        "escalate",
+        "{what}: MEMTRACE_PROBES"
+    );
+    value("MEMTRACE_ESCALATE_FOR");
+    let budget: f64 = value("MEMTRACE_MAX_OVERHEAD")
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: MEMTRACE_MAX_OVERHEAD: {e}"));
+    assert!(
+        budget > 0.0 && budget <= 5.0,
+        "{what}: MEMTRACE_MAX_OVERHEAD {budget}: the budget must be on, and small"
+    );
     let port = c
         .ports
         .iter()
