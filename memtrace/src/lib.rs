@@ -16,6 +16,7 @@ pub mod growth;
 pub mod http;
 pub mod launch;
 pub mod metrics;
+pub mod perf_uprobe;
 pub mod placement;
 pub mod preflight;
 pub mod process;
