@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_agent;
+mod bench_pages;
+mod bench_python;
+mod bench_tiers;
 mod ebpf_build;
 
 #[derive(Parser)]
@@ -30,8 +33,12 @@ enum Task {
     Demo,
     /// Build everything and run every test (unit, BPF end-to-end).
     Test,
-    /// Run the overhead benchmark and print its table.
-    Bench,
+    /// Run the benchmarks and print their tables.
+    Bench {
+        /// Run only this part (while working on it): overhead, python, pages or agent.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,9 +94,9 @@ fn run(task: Task) -> Result<()> {
                     .env("MEMTRACE_BIN", root.join("target/debug/memtrace")),
             )?;
         }
-        Task::Bench => {
+        Task::Bench { only } => {
             ensure_bpf_toolchain()?;
-            bench::run(&root)?;
+            bench::run(&root, only)?;
         }
     }
     Ok(())
