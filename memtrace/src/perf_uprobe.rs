@@ -55,7 +55,15 @@ impl PerfUprobe {
         attr.__bindgen_anon_4.config2 = offset;
         // SAFETY: `attr` is a fully initialised perf_event_attr whose size field is its own
         // size, and `c_path` outlives the call; pid 0 / cpu -1 is this thread on any CPU.
-        let fd = unsafe { perf_event_open(&mut attr, 0, -1, -1, perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as _) };
+        let fd = unsafe {
+            perf_event_open(
+                &mut attr,
+                0,
+                -1,
+                -1,
+                perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as _,
+            )
+        };
         if fd < 0 {
             let error = std::io::Error::last_os_error();
             bail!(
@@ -95,8 +103,8 @@ fn read_pmu_type(pmu_dir: &Path) -> Result<u32> {
 /// The `config` bit that makes a uprobe event a return probe, from `<pmu_dir>/format/retprobe`.
 fn read_retprobe_bit(pmu_dir: &Path) -> Result<u32> {
     let path = pmu_dir.join("format/retprobe");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     parse_config_bit(&text).with_context(|| format!("in {}", path.display()))
 }
 
@@ -167,7 +175,13 @@ mod tests {
         }
         let entries = entry.count().unwrap() - entries;
         let exits = exit.count().unwrap() - exits;
-        assert!(entries >= CALLS, "{CALLS} mallocs, entry probe counted {entries}");
-        assert!(exits >= CALLS, "{CALLS} mallocs, return probe counted {exits}");
+        assert!(
+            entries >= CALLS,
+            "{CALLS} mallocs, entry probe counted {entries}"
+        );
+        assert!(
+            exits >= CALLS,
+            "{CALLS} mallocs, return probe counted {exits}"
+        );
     }
 }

@@ -46,25 +46,59 @@ pub fn run(root: &Path, only: Option<Part>) -> Result<()> {
     let target_dir = target_dir(root);
     let wanted = |part| only.is_none_or(|only| only == part);
     if wanted(Part::Overhead) {
-        overhead(root, &target_dir)?;
+        guarded("overhead", &target_dir.join("bench-overhead.md"), || {
+            overhead(root, &target_dir)
+        })?;
     }
     if wanted(Part::Python) || wanted(Part::Pages) {
         println!("xtask: building memtrace (release) for the tier benchmarks");
         crate::run_cmd(crate::cargo(root).args(["build", "--release", "-p", "memtrace"]))?;
     }
-    // A Python request loop and a page-touching program under the tiers: tables in
-    // target/bench-python.md and target/bench-pages.md.
+    // A Python request loop and a page-touching program under the tiers.
     if wanted(Part::Python) {
-        crate::bench_python::run(root, &target_dir)?;
+        guarded("python", &target_dir.join("bench-python.md"), || {
+            crate::bench_python::run(root, &target_dir)
+        })?;
     }
     if wanted(Part::Pages) {
-        crate::bench_pages::run(root, &target_dir)?;
+        guarded("pages", &target_dir.join("bench-pages.md"), || {
+            crate::bench_pages::run(root, &target_dir)
+        })?;
     }
-    // The agent's own cost and its /metrics scrape: tables in target/bench-agent.md.
+    // The agent's own cost and its /metrics scrape. It puts node-wide probes on libc
+    // itself, so only what was there before it counts.
     if wanted(Part::Agent) {
+        let note = crate::bench_quiet::wait_until_quiet("agent")?;
         crate::bench_agent::run(root, &target_dir)?;
+        if let Some(note) = note {
+            flag(&target_dir.join("bench-agent.md"), &note)?;
+        }
     }
     Ok(())
+}
+
+/// Runs a part once no other tracer's uprobes are on libc's allocator (bounded wait); when
+/// some were there before or after it, its table (`report`) says its numbers are not valid.
+fn guarded(part: &str, report: &Path, run: impl FnOnce() -> Result<()>) -> Result<()> {
+    let before = crate::bench_quiet::wait_until_quiet(part)?;
+    run()?;
+    let after = crate::bench_quiet::foreign_probes()?;
+    let note = match (before, after.is_empty()) {
+        (Some(note), _) => note,
+        (None, false) => crate::bench_quiet::note(&after),
+        (None, true) => return Ok(()),
+    };
+    flag(report, &note)
+}
+
+/// Appends `note` to a part's table file and prints it.
+fn flag(report: &Path, note: &str) -> Result<()> {
+    println!("xtask: {note}");
+    let mut text =
+        std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
+    text.push('\n');
+    text.push_str(note);
+    std::fs::write(report, text).with_context(|| format!("writing {}", report.display()))
 }
 
 /// The per-pair overhead table (criterion), in target/bench-overhead.md.
@@ -306,7 +340,10 @@ mod tests {
     #[test]
     fn summary_reports_each_goal() {
         let met = summary("trap_floor", 2000.0, 2500.0, 12000.0);
-        assert!(met.contains("1.25× the cheapest trap floor (trap_floor"), "{met}");
+        assert!(
+            met.contains("1.25× the cheapest trap floor (trap_floor"),
+            "{met}"
+        );
         assert!(met.contains("(goal ≤ 1.3×): goal met."), "{met}");
         assert!(met.contains("4.80× cheaper"), "{met}");
         assert!(met.contains("(goal ≥ 4×): goal met."), "{met}");

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_tiers::{Spread, TopRun, TopReport, plus_minus};
+use crate::bench_tiers::{Spread, TopReport, TopRun, plus_minus};
 
 /// Rounds of the program: each populates 16 new pages in `leak_pages` (and the first, 64
 /// in `reuse_buffer`).
@@ -39,7 +39,19 @@ impl PagesTiming {
             .find(|l| l.starts_with("pages: "))
             .with_context(|| format!("no timing line from the pages program in:\n{stderr}"))?;
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let ["pages:", _, "rounds", "in", wall, "ns", "wall", cpu, "ns", "cpu"] = fields[..] else {
+        let [
+            "pages:",
+            _,
+            "rounds",
+            "in",
+            wall,
+            "ns",
+            "wall",
+            cpu,
+            "ns",
+            "cpu",
+        ] = fields[..]
+        else {
             bail!("the pages program printed {line:?}");
         };
         Ok(Self {
@@ -87,7 +99,15 @@ fn run_traced(memtrace: &Path, pages: &Path, log_dir: &Path) -> Result<(PagesTim
     let rounds = ROUNDS.to_string();
     let top = TopRun::start(
         memtrace,
-        &["--tier", "growth", "--interval", "60", "--", &pages, &rounds],
+        &[
+            "--tier",
+            "growth",
+            "--interval",
+            "60",
+            "--",
+            &pages,
+            &rounds,
+        ],
         &[("PAGES_TIMING", "1")],
         log_dir,
         "pages-top",
@@ -160,7 +180,10 @@ fn found_table(reports: &[TopReport], expected_leak: u64, expected_reuse: u64) -
         }
     };
     let mut table = String::new();
-    writeln!(table, "| growth site | populated bytes seen | expected | runs where it is the top site |")?;
+    writeln!(
+        table,
+        "| growth site | populated bytes seen | expected | runs where it is the top site |"
+    )?;
     writeln!(table, "| --- | ---: | ---: | ---: |")?;
     writeln!(
         table,
@@ -186,7 +209,10 @@ fn cost_table(untraced: &[PagesTiming], traced: &[PagesTiming], faults: u64) -> 
     let wall = |t: &[PagesTiming]| Spread::of(&t.iter().map(|t| t.wall_ns).collect::<Vec<_>>());
     let cpu = |t: &[PagesTiming]| Spread::of(&t.iter().map(|t| t.cpu_ns).collect::<Vec<_>>());
     let mut table = String::new();
-    writeln!(table, "| mode | wall ms | CPU ms | CPU cost | extra CPU per populated page |")?;
+    writeln!(
+        table,
+        "| mode | wall ms | CPU ms | CPU cost | extra CPU per populated page |"
+    )?;
     writeln!(table, "| --- | ---: | ---: | ---: | ---: |")?;
     let base = cpu(untraced).mean;
     for (label, timings, is_traced) in [

@@ -204,7 +204,10 @@ pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&log_dir)?;
     let python = find_python();
     let version = python_version(&python);
-    println!("xtask: Python request loop on {version} ({})", python.display());
+    println!(
+        "xtask: Python request loop on {version} ({})",
+        python.display()
+    );
 
     let mut server = RequestLoop::start(&python, &root.join("tests/fixtures/requests.py"))?;
     server.run(SIZING_REQUESTS)?;
@@ -239,7 +242,10 @@ pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
             timings.push((mode, round, timing));
             seen.push((mode, report.allocated_bytes));
         }
-        println!("xtask: Python request loop: round {}/{ROUNDS} done", round + 1);
+        println!(
+            "xtask: Python request loop: round {}/{ROUNDS} done",
+            round + 1
+        );
     }
     drop(server);
 

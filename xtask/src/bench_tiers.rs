@@ -149,7 +149,10 @@ impl TopRun {
                 return Ok(());
             }
             if let Some(status) = self.child().try_wait()? {
-                bail!("memtrace exited ({status}) before tracing:\n{}", self.stderr());
+                bail!(
+                    "memtrace exited ({status}) before tracing:\n{}",
+                    self.stderr()
+                );
             }
             if Instant::now() > deadline {
                 bail!("memtrace did not start tracing within {READY_TIMEOUT:?}:\n{log}");

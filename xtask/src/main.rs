@@ -15,6 +15,7 @@ mod bench;
 mod bench_agent;
 mod bench_pages;
 mod bench_python;
+mod bench_quiet;
 mod bench_tiers;
 mod ebpf_build;
 
