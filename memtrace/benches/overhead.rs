@@ -25,6 +25,11 @@
 //! themselves take, from the kernel's BPF statistics (on only during the check: they add a
 //! few tens of ns to each program run); the rest of a traced pair is the traps.
 //!
+//! Time is the measuring thread's CPU time (user + system: the traps and BPF programs run
+//! in the kernel on that thread), not wall time: on a shared machine a thread that waits
+//! for a CPU would otherwise count the wait, and modes measured a minute apart would see
+//! different neighbours.
+//!
 //! bpftrace 0.17 puts its uprobes in every process that maps libc (`-p` does not scope
 //! them), so its script filters on the pid, and other processes pay a trap per call while
 //! that mode runs.
@@ -40,7 +45,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, loaded_maps};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{
+    Criterion, criterion_group, criterion_main,
+    measurement::{Measurement, ValueFormatter, WallTime},
+};
 use memtrace::{
     elf::ElfFile,
     perf_uprobe::{PerfUprobe, ProbeKind},
@@ -107,7 +115,59 @@ impl Workload {
     }
 }
 
-fn bench_modes(c: &mut Criterion) {
+/// The calling thread's CPU time, in ns (criterion's default measures wall time).
+struct ThreadTime {
+    /// Formats values as durations, as wall time does.
+    wall: WallTime,
+}
+
+impl ThreadTime {
+    fn now() -> u64 {
+        let mut time = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill; this clock exists on every Linux.
+        let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+        assert_eq!(result, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+        time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
+    }
+}
+
+impl Measurement for ThreadTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        Self::now()
+    }
+
+    fn end(&self, started: u64) -> u64 {
+        Self::now() - started
+    }
+
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+
+    fn zero(&self) -> u64 {
+        0
+    }
+
+    fn to_f64(&self, value: &u64) -> f64 {
+        *value as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
+}
+
+fn thread_time() -> Criterion<ThreadTime> {
+    Criterion::default().with_measurement(ThreadTime { wall: WallTime })
+}
+
+fn bench_modes(c: &mut Criterion<ThreadTime>) {
     let pid = std::process::id();
     let libc = own_libc().expect("finding this process's libc");
     let mut workload = Workload::new();
@@ -611,5 +671,9 @@ fn bench_mode() -> bool {
     std::env::args().any(|arg| arg == "--bench")
 }
 
-criterion_group!(benches, bench_modes);
+criterion_group! {
+    name = benches;
+    config = thread_time();
+    targets = bench_modes
+}
 criterion_main!(benches);

@@ -154,7 +154,7 @@ fn overhead(root: &Path, target_dir: &Path) -> Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "| mode | per pair (µs) | 95% CI (µs) | vs cheapest trap floor |"
+        "| mode | CPU per pair (µs) | 95% CI (µs) | vs cheapest trap floor |"
     )?;
     writeln!(table, "| --- | ---: | ---: | ---: |")?;
     for (mode, mean) in &rows {
@@ -181,8 +181,9 @@ fn overhead(root: &Path, target_dir: &Path) -> Result<()> {
     print!("{summary}");
 
     let markdown = format!(
-        "Overhead per `malloc` + `free` pair (16–272 bytes), all modes measured in one run of \
-         `cargo xtask bench` ({machine}):\n\n{table}\n{summary}\n"
+        "Overhead per `malloc` + `free` pair (16–272 bytes), as the measuring thread's CPU \
+         time, all modes measured in one run of `cargo xtask bench` ({machine}):\n\n{table}\n\
+         {summary}"
     );
     let report = target_dir.join("bench-overhead.md");
     std::fs::write(&report, markdown).with_context(|| format!("writing {}", report.display()))?;

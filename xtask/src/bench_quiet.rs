@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 const FUNCTIONS: &[&str] = &["malloc", "free", "calloc", "realloc"];
 const BYTES: usize = 48;
 /// How long a part waits for foreign probes to go before it runs anyway.
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_secs(2);
 
 /// `function+offset` of every byte of libc's allocator that differs from the file here.
