@@ -6,19 +6,29 @@
 //! measurement:
 //!
 //! 1. `untraced`: no probes.
-//! 2. `bare_floor`: empty BPF programs at exactly memtrace's probe spots: the cost of the
-//!    uprobe + uretprobe traps alone, which no uprobe-based tracer can go under.
-//! 3. `memtrace_exact`: memtrace, every block sampled (`sample_bytes` 1).
-//! 4. `memtrace_sampled`: memtrace, `sample_bytes` 4096 (every block still kept for exact
+//! 2. `trap_floor`: bare perf uprobe events, no BPF program, at memtrace's placement
+//!    (`placement.rs`: malloc's entry and return, free at its first `push`): the cost of the
+//!    traps alone, which no uprobe-based tracer probing there can go under.
+//! 3. `trap_floor_offset0`: the same events at offset 0 of each function, where bcc's
+//!    memleak and bpftrace attach (free starts with `test %rdi,%rdi`, single-stepped).
+//! 4. `empty_bpf`: empty BPF programs at exactly memtrace's probe spots: the traps plus the
+//!    kernel's cost of running a BPF program.
+//! 5. `memtrace_exact`: memtrace, every block sampled (`sample_bytes` 1).
+//! 6. `memtrace_sampled`: memtrace, `sample_bytes` 4096 (every block still kept for exact
 //!    totals; unsampled ones skip the stack walk and the per-stack update).
-//! 5. `bpftrace_memleak`: a bpftrace script doing what bcc's memleak does (size per thread
+//! 7. `bpftrace_memleak`: a bpftrace script doing what bcc's memleak does (size per thread
 //!    and the user stack at entry, the block and per-stack bytes at return, removal at free).
 //!
 //! Before each traced mode is measured, a check proves its probes fire in this process, so
-//! probes that attach to nothing fail the run instead of printing a plausible table. For the
-//! floor and memtrace's modes the check also prints how much of a pair the BPF programs
+//! probes that attach to nothing fail the run instead of printing a plausible table (the trap
+//! floors read their perf counters). For the empty programs and memtrace's modes the check also prints how much of a pair the BPF programs
 //! themselves take, from the kernel's BPF statistics (on only during the check: they add a
 //! few tens of ns to each program run); the rest of a traced pair is the traps.
+//!
+//! Time is the measuring thread's CPU time (user + system: the traps and BPF programs run
+//! in the kernel on that thread), not wall time: on a shared machine a thread that waits
+//! for a CPU would otherwise count the wait, and modes measured a minute apart would see
+//! different neighbours.
 //!
 //! bpftrace 0.17 puts its uprobes in every process that maps libc (`-p` does not scope
 //! them), so its script filters on the pid, and other processes pay a trap per call while
@@ -35,8 +45,14 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, loaded_maps};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{
+    Criterion, criterion_group, criterion_main,
+    measurement::{Measurement, ValueFormatter, WallTime},
+};
 use memtrace::{
+    elf::ElfFile,
+    perf_uprobe::{PerfUprobe, ProbeKind},
+    placement,
     process::own_libc,
     tracer::{Programs, Tracer, TracerOptions},
 };
@@ -99,7 +115,59 @@ impl Workload {
     }
 }
 
-fn bench_modes(c: &mut Criterion) {
+/// The calling thread's CPU time, in ns (criterion's default measures wall time).
+struct ThreadTime {
+    /// Formats values as durations, as wall time does.
+    wall: WallTime,
+}
+
+impl ThreadTime {
+    fn now() -> u64 {
+        let mut time = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill; this clock exists on every Linux.
+        let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+        assert_eq!(result, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+        time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
+    }
+}
+
+impl Measurement for ThreadTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        Self::now()
+    }
+
+    fn end(&self, started: u64) -> u64 {
+        Self::now() - started
+    }
+
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+
+    fn zero(&self) -> u64 {
+        0
+    }
+
+    fn to_f64(&self, value: &u64) -> f64 {
+        *value as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
+}
+
+fn thread_time() -> Criterion<ThreadTime> {
+    Criterion::default().with_measurement(ThreadTime { wall: WallTime })
+}
+
+fn bench_modes(c: &mut Criterion<ThreadTime>) {
     let pid = std::process::id();
     let libc = own_libc().expect("finding this process's libc");
     let mut workload = Workload::new();
@@ -112,12 +180,19 @@ fn bench_modes(c: &mut Criterion) {
 
     group.bench_function("untraced", |b| b.iter(|| workload.pair()));
 
+    for (name, placed) in [("trap_floor", true), ("trap_floor_offset0", false)] {
+        let floor = TrapFloor::open(&libc, placed);
+        floor.check_fires(name, &mut workload);
+        group.bench_function(name, |b| b.iter(|| workload.pair()));
+        drop(floor);
+    }
+
     {
         let before = loaded_program_ids();
         let tracer = attach(pid, &libc, 1, Programs::Noop);
         let ours = &loaded_program_ids() - &before;
         check_noop_fires(&ours, &mut workload);
-        group.bench_function("bare_floor", |b| b.iter(|| workload.pair()));
+        group.bench_function("empty_bpf", |b| b.iter(|| workload.pair()));
         drop(tracer);
     }
 
@@ -277,7 +352,7 @@ fn report_program_time(mode: &str, programs: &[ProgramRuns], pairs: u64) {
 /// ran once per pair; and the kernel must have mapped the `[uprobes]` area into this
 /// process, which it does when a uprobe first fires here.
 fn check_noop_fires(ours: &HashSet<u32>, workload: &mut Workload) {
-    let programs = program_runs("bare_floor", ours, workload, CHECK_PAIRS);
+    let programs = program_runs("empty_bpf", ours, workload, CHECK_PAIRS);
     for name in ["noop_enter", "noop_exit"] {
         let runs = programs
             .iter()
@@ -285,15 +360,82 @@ fn check_noop_fires(ours: &HashSet<u32>, workload: &mut Workload) {
             .map_or(0, |p| p.runs);
         assert!(
             runs >= CHECK_PAIRS,
-            "bare_floor: the empty probes do not fire in this process: {CHECK_PAIRS} mallocs \
+            "empty_bpf: the empty probes do not fire in this process: {CHECK_PAIRS} mallocs \
              made, {name} ran {runs} times"
         );
     }
     assert!(
         uprobes_area_mapped(),
-        "bare_floor: no [uprobes] mapping in this process after probes fired"
+        "empty_bpf: no [uprobes] mapping in this process after probes fired"
     );
-    report_program_time("bare_floor", &programs, CHECK_PAIRS);
+    report_program_time("empty_bpf", &programs, CHECK_PAIRS);
+}
+
+/// The traps a malloc + free pair takes, as bare perf uprobe events (no BPF program):
+/// malloc's entry and return, free's entry. Opened on the measuring thread, whose hits they
+/// count; closed (the probes removed) when dropped.
+struct TrapFloor {
+    events: Vec<(&'static str, PerfUprobe)>,
+}
+
+impl TrapFloor {
+    /// At memtrace's placement when `placed`, else at offset 0 of each function.
+    fn open(libc: &Path, placed: bool) -> Self {
+        let elf = ElfFile::open(libc).unwrap_or_else(|e| panic!("reading {}: {e}", libc.display()));
+        let offset = |symbol: &str| {
+            let function = elf
+                .function(symbol)
+                .unwrap_or_else(|| panic!("{} has no {symbol}", libc.display()));
+            let at = if placed {
+                placement::place(elf.code(function, 4096)).offset
+            } else {
+                0
+            };
+            eprintln!("trap floor: {symbol} probed at +{at}");
+            function.file_offset + at
+        };
+        let (malloc, free) = (offset("malloc"), offset("free"));
+        let open = |offset, kind| {
+            PerfUprobe::open(libc, offset, kind)
+                .unwrap_or_else(|e| panic!("trap floor (the benchmark needs root): {e:#}"))
+        };
+        // The return probe first, as memtrace does: no entry is ever seen without it.
+        let events = vec![
+            ("malloc return", open(malloc, ProbeKind::Return)),
+            ("malloc entry", open(malloc, ProbeKind::Entry)),
+            ("free entry", open(free, ProbeKind::Entry)),
+        ];
+        Self { events }
+    }
+
+    /// Every event must count each of `CHECK_PAIRS` pairs: a probe on nothing fails here.
+    fn check_fires(&self, mode: &str, workload: &mut Workload) {
+        let counts = |floor: &Self| -> Vec<u64> {
+            floor
+                .events
+                .iter()
+                .map(|(name, event)| {
+                    event
+                        .count()
+                        .unwrap_or_else(|e| panic!("{mode}: {name}: {e:#}"))
+                })
+                .collect()
+        };
+        let before = counts(self);
+        workload.pairs(CHECK_PAIRS);
+        let after = counts(self);
+        for (((name, _), before), after) in self.events.iter().zip(before).zip(after) {
+            let hits = after - before;
+            assert!(
+                hits >= CHECK_PAIRS,
+                "{mode}: the {name} probe does not fire: {CHECK_PAIRS} pairs made, it counted {hits}"
+            );
+        }
+        assert!(
+            uprobes_area_mapped(),
+            "{mode}: no [uprobes] mapping in this process after probes fired"
+        );
+    }
 }
 
 fn uprobes_area_mapped() -> bool {
@@ -529,5 +671,9 @@ fn bench_mode() -> bool {
     std::env::args().any(|arg| arg == "--bench")
 }
 
-criterion_group!(benches, bench_modes);
+criterion_group! {
+    name = benches;
+    config = thread_time();
+    targets = bench_modes
+}
 criterion_main!(benches);

@@ -19,6 +19,7 @@ pub mod k8s;
 pub mod launch;
 pub mod lifecycle;
 pub mod metrics;
+pub mod perf_uprobe;
 pub mod placement;
 pub mod pods;
 pub mod policy;

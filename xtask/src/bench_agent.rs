@@ -393,6 +393,9 @@ impl Run {
             .arg("agent")
             .args(["--cgroup", &format!("{}/*", self.relative)])
             .args(["--interval", INTERVAL, "--window", WINDOW])
+            // The agent's cost with every process traced: probes on from the start, and
+            // no CPU budget to let go of the churn processes (their probes cost them ~50 %).
+            .args(["--probes", "always", "--max-overhead", "0"])
             .args(["--listen", &addr.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_agent;
+mod bench_django;
+mod bench_pages;
 mod bench_python;
+mod bench_quiet;
+mod bench_tiers;
 mod ebpf_build;
 
 #[derive(Parser)]
@@ -31,10 +35,12 @@ enum Task {
     Demo,
     /// Build everything and run every test (unit, BPF end-to-end).
     Test,
-    /// Run the overhead benchmark and print its table.
-    Bench,
-    /// Only the Python part of the benchmark (Django requests/s per --python mode).
-    BenchPython,
+    /// Run the benchmarks and print their tables.
+    Bench {
+        /// Run only this part (while working on it): overhead, python, pages, django or agent.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,13 +103,9 @@ fn run(task: Task) -> Result<()> {
                     .env("MEMTRACE_BIN", root.join("target/debug/memtrace")),
             )?;
         }
-        Task::Bench => {
+        Task::Bench { only } => {
             ensure_bpf_toolchain()?;
-            bench::run(&root)?;
-        }
-        Task::BenchPython => {
-            ensure_bpf_toolchain()?;
-            bench_python::run(&root, &bench::target_dir(&root))?;
+            bench::run(&root, only)?;
         }
     }
     Ok(())
