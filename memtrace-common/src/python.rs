@@ -6,6 +6,9 @@
 pub mod maps {
     /// tgid → [`super::PyConfig`]: how to find this process's Python frames.
     pub const PY_PROCS: &str = "PY_PROCS";
+    /// One `u32`: 1 while `PY_PROCS` has an entry, so that the stack walk of a node with no
+    /// traced Python process skips its lookup.
+    pub const PY_ANY: &str = "PY_ANY";
     /// Stack id (the same id as in `STACKS`) → [`super::PyStack`]: the Python frames that
     /// were running when that stack allocated.
     pub const PY_STACKS: &str = "PY_STACKS";

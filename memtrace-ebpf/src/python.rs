@@ -16,7 +16,7 @@ use aya_ebpf::{
         generated::bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
@@ -35,6 +35,9 @@ use crate::{
 
 #[map]
 static PY_PROCS: HashMap<u32, PyConfig> = HashMap::with_max_entries(capacity::TRACED, 0);
+/// 1 while `PY_PROCS` is not empty (an array lookup is nearly free; a hash lookup is not).
+#[map]
+static PY_ANY: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static PY_STACKS: HashMap<u64, PyStack> =
     HashMap::with_max_entries(capacity::STACKS, BPF_F_NO_PREALLOC);
@@ -139,6 +142,9 @@ fn thread_state(config: &PyConfig, tid: u32) -> Option<u64> {
 /// Python frame running, keep `hash`.
 #[inline(always)]
 pub fn extend_stack(hash: u64) -> u64 {
+    if PY_ANY.get(0).is_none_or(|any| *any == 0) {
+        return hash;
+    }
     let id = bpf_get_current_pid_tgid();
     let Some(config) = PY_PROCS.get_ptr(&((id >> 32) as u32)) else {
         return hash;

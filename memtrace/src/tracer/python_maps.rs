@@ -44,7 +44,16 @@ impl Tracer {
             BpfHashMap::try_from(self.map_mut(maps::PY_PROCS)?)?;
         procs
             .insert(pid, config, 0)
-            .with_context(|| format!("adding pid {pid} to PY_PROCS"))
+            .with_context(|| format!("adding pid {pid} to PY_PROCS"))?;
+        self.set_python_any(true)
+    }
+
+    /// Tells the BPF side whether any process has Python frames to read.
+    fn set_python_any(&mut self, any: bool) -> Result<()> {
+        let mut flag: aya::maps::Array<&mut MapData, u32> =
+            aya::maps::Array::try_from(self.map_mut(maps::PY_ANY)?)?;
+        flag.set(0, u32::from(any), 0)?;
+        Ok(())
     }
 
     /// Attaches `probes` to the interpreter file `path`, firing only in process `pid`.
@@ -191,6 +200,10 @@ impl Tracer {
             BpfHashMap::try_from(self.map_mut(maps::PY_PROCS)?)?;
         for tgid in tgids {
             let _ = procs.remove(tgid);
+        }
+        let any = procs.keys().next().is_some();
+        if !any {
+            self.set_python_any(false)?;
         }
         let mut gc: BpfHashMap<&mut MapData, GcKey, GcStats> =
             BpfHashMap::try_from(self.map_mut(maps::PY_GC)?)?;
