@@ -126,8 +126,8 @@ impl Tracer {
                 key,
                 usage,
                 frames: self.frames(key.stack_id)?,
-                // Page faults come with native stacks only.
-                python: Vec::new(),
+                // The Python frames that ran, for a process with Python frames configured.
+                python: self.python_frames(key.stack_id),
             });
         }
         snapshot.totals = totals.into_iter().collect();

@@ -13,6 +13,7 @@ use crate::{
     detect::{Assessment, DetectorConfig, Point, Series},
     metrics::{ContainerLabels, Metrics},
     profile::ProfileSample,
+    python::session::PythonTarget,
     report::{Frame, Resolver},
     symbolize::Symbolizer,
     tracer::Tracer,
@@ -92,6 +93,7 @@ impl Watch {
         for pid in gone {
             self.processes.remove(&pid);
             self.populated.remove(&pid);
+            let _ = tracer.forget_python(&HashSet::from([pid]));
             if let Err(e) = tracer.forget_growth(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
@@ -100,6 +102,9 @@ impl Watch {
             self.processes.entry(pid).or_insert_with(|| {
                 let mut resolver = Resolver::new(pid);
                 resolver.refresh_map();
+                // A CPython process: its Python frames go into the stacks of its page
+                // faults too (read in BPF at each walk; no probe on the interpreter).
+                PythonTarget::frames_only(tracer, &mut resolver, pid);
                 (*cgroup_id, resolver)
             });
         }

@@ -38,6 +38,7 @@ mod pods_churn;
 mod pods_labels;
 mod pods_libc;
 mod python_agent;
+mod python_always_on;
 mod python_django;
 mod python_frames;
 mod realloc;

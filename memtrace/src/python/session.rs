@@ -16,6 +16,8 @@ pub struct PythonTarget {
     configured: bool,
     /// Probes shared node-wide per interpreter file (the agent), else scoped to `pid`.
     shared: bool,
+    /// Whether to attach the interpreter's probes at all (not for the always-on tier).
+    probes: bool,
 }
 
 /// What a report says about the Python side.
@@ -56,6 +58,22 @@ impl PythonTarget {
             file: None,
             configured: false,
             shared,
+            probes: true,
+        };
+        target.poll(tracer, resolver);
+        target.configured.then_some(target)
+    }
+
+    /// A process already running, for the always-on tier: its Python frames are read at
+    /// each stack walk (page faults too), and no probe is attached to its interpreter.
+    pub fn frames_only(tracer: &mut Tracer, resolver: &mut Resolver, pid: u32) -> Option<Self> {
+        let mut target = Self {
+            pid,
+            mode: PythonMode::Frames,
+            file: None,
+            configured: false,
+            shared: false,
+            probes: false,
         };
         target.poll(tracer, resolver);
         target.configured.then_some(target)
@@ -88,6 +106,7 @@ impl PythonTarget {
             file: Some(file),
             configured: false,
             shared: false,
+            probes: true,
         })
     }
 
@@ -120,7 +139,7 @@ impl PythonTarget {
             self.configured = true;
             return;
         }
-        if self.file.is_none() {
+        if self.file.is_none() && self.probes {
             let shared = self.shared.then_some(found.file_id);
             attach_probes(tracer, self.pid, &found.file, self.mode, shared);
         }

@@ -148,7 +148,7 @@ impl Tracer {
     }
 
     /// The Python frames stored with stack `stack_id` (empty for none).
-    pub(super) fn python_frames(&mut self, stack_id: u64) -> Vec<PyFrame> {
+    pub(crate) fn python_frames(&mut self, stack_id: u64) -> Vec<PyFrame> {
         if let Some(frames) = self.python_cache.get(&stack_id) {
             return frames.clone();
         }
@@ -195,7 +195,7 @@ impl Tracer {
     }
 
     /// Deletes the Python state of process `tgid` (after it exited).
-    pub(super) fn forget_python(&mut self, tgids: &std::collections::HashSet<u32>) -> Result<()> {
+    pub(crate) fn forget_python(&mut self, tgids: &std::collections::HashSet<u32>) -> Result<()> {
         let mut procs: BpfHashMap<&mut MapData, u32, PyConfig> =
             BpfHashMap::try_from(self.map_mut(maps::PY_PROCS)?)?;
         for tgid in tgids {
