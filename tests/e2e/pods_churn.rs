@@ -14,7 +14,8 @@ use crate::util::*;
 
 /// Children started per second, and for how long.
 const CHURN_RATE: u32 = 300;
-const CHURN_SECONDS: u32 = 20;
+/// A minute of churn, as issue 5 asks.
+const CHURN_SECONDS: u32 = 60;
 
 #[test]
 fn pods_exec_and_exit_are_followed_at_once() {
