@@ -23,6 +23,8 @@ pub enum Command {
     /// Run the node agent: trace chosen processes, detect leaks, serve Prometheus metrics.
     #[command(after_help = AGENT_EXAMPLES)]
     Agent(AgentArgs),
+    /// Show what this kernel offers memtrace: features, BPF verifier verdicts, probe spots.
+    Check(crate::check::CheckArgs),
 }
 
 const AGENT_EXAMPLES: &str = "\
@@ -184,5 +186,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Top(args) => crate::top::run(args),
         Command::Agent(args) => crate::agent::run(args),
+        Command::Check(args) => crate::check::run(args),
     }
 }

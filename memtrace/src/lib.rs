@@ -6,9 +6,11 @@
 //! and `launch` make the `memtrace top` command.
 pub mod agent;
 pub mod cgroup;
+pub mod check;
 pub mod cli;
 pub mod detect;
 pub mod elf;
+pub mod features;
 pub mod http;
 pub mod launch;
 pub mod metrics;
