@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_agent;
 mod ebpf_build;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -32,6 +33,12 @@ enum Task {
     Test,
     /// Run the overhead benchmark and print its table.
     Bench,
+    /// Boot other kernels under qemu and check memtrace on each (cached downloads).
+    VmTest {
+        /// Only these kernels of the matrix (5.10, 6.1, 6.12, newest).
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +97,10 @@ fn run(task: Task) -> Result<()> {
         Task::Bench => {
             ensure_bpf_toolchain()?;
             bench::run(&root)?;
+        }
+        Task::VmTest { kernels } => {
+            ensure_bpf_toolchain()?;
+            vm::run(&root, &kernels)?;
         }
     }
     Ok(())
