@@ -659,6 +659,9 @@ fn monotonic_ms() -> f64 {
 pub fn run(args: AgentArgs) -> Result<std::process::ExitCode> {
     preflight::check(std::path::Path::new("/sys"))?;
     let metrics = Metrics::new()?;
+    let features = crate::features::detect(std::path::Path::new("/sys"));
+    crate::features::log_missing(&features);
+    crate::features::export(&features, &metrics.feature_available);
     let view: SharedView = Arc::default();
     let (stop_tx, stop_rx) = mpsc::channel();
     let listener = std::net::TcpListener::bind(args.listen)

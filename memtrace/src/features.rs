@@ -182,6 +182,15 @@ pub fn log_missing(features: &[Feature]) {
     }
 }
 
+/// Sets `memtrace_feature_available{feature}` for each feature.
+pub fn export(features: &[Feature], gauge: &prometheus::IntGaugeVec) {
+    for feature in features {
+        gauge
+            .with_label_values(&[feature.name.as_str()])
+            .set(i64::from(feature.available));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

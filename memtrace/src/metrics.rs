@@ -43,6 +43,7 @@ pub struct Metrics {
     pub attach_errors: IntCounter,
     pub evicted_stacks: IntCounter,
     pub tick_seconds: Gauge,
+    pub feature_available: IntGaugeVec,
 }
 
 impl Metrics {
@@ -128,6 +129,11 @@ impl Metrics {
             tick_seconds: Gauge::new(
                 "memtrace_tick_duration_seconds",
                 "Time the last interval's work took.",
+            )?,
+            feature_available: gauge_vec(
+                "memtrace_feature_available",
+                "Whether the kernel offers a feature memtrace uses (1) or not (0); see `memtrace check`.",
+                &["feature"],
             )?,
             registry,
         };

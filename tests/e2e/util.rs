@@ -76,8 +76,18 @@ fn fixture_src_dir() -> PathBuf {
 
 /// Every dynamically linked fixture, compiled once per test run.
 const FIXTURES: &[&str] = &[
-    "baseline", "exact", "realloc", "munmap", "nested", "threads", "waiter", "sampling", "shapes",
+    "baseline",
+    "exact",
+    "realloc",
+    "munmap",
+    "nested",
+    "threads",
+    "waiter",
+    "sampling",
+    "shapes",
     "busy",
+    "churn",
+    "uprobe_page",
 ];
 
 struct FixtureDir {
