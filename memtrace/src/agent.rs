@@ -281,8 +281,14 @@ impl Agent {
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();
-        self.tracer
-            .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
+        let readable = process::in_root(pid, &libc.path)?;
+        if !process::is_file(&readable, libc.file) {
+            anyhow::bail!(
+                "{} is not the libc pid {pid} maps (changed under us?): not attaching",
+                readable.display()
+            );
+        }
+        self.tracer.trace_shared(pid, &readable, libc.file)?;
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)
