@@ -282,9 +282,11 @@ impl Agent {
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();
         let readable = process::in_root(pid, &libc.path)?;
-        if !process::is_file(&readable, libc.file) {
+        if !process::is_file(&readable, libc.file)
+            .with_context(|| format!("reading {}", readable.display()))?
+        {
             anyhow::bail!(
-                "{} is not the libc pid {pid} maps (changed under us?): not attaching",
+                "{} is not the libc pid {pid} maps (replaced since?): not attaching",
                 readable.display()
             );
         }
@@ -663,7 +665,7 @@ fn monotonic_ms() -> f64 {
 
 /// `memtrace agent`: serve HTTP, trace, stop cleanly on SIGTERM/SIGINT.
 pub fn run(args: AgentArgs) -> Result<std::process::ExitCode> {
-    preflight::check(std::path::Path::new("/sys"))?;
+    preflight::check_agent(std::path::Path::new("/sys"))?;
     let metrics = Metrics::new()?;
     let features = crate::features::detect(std::path::Path::new("/sys"));
     crate::features::log_missing(&features);

@@ -209,13 +209,12 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
-pub fn is_file(path: &Path, file: FileId) -> bool {
+pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).is_ok_and(|meta| {
-        let dev = meta.dev();
-        let device = (libc::major(dev) as i32, libc::minor(dev) as i32);
-        device == file.device && meta.ino() == file.inode
-    })
+    let meta = std::fs::metadata(path)?;
+    let dev = meta.dev();
+    let device = (libc::major(dev) as i32, libc::minor(dev) as i32);
+    Ok(device == file.device && meta.ino() == file.inode)
 }
 
 /// The libc this program itself runs on.

@@ -30,6 +30,7 @@ mod fault_churn;
 mod fault_kill;
 mod fault_maps;
 mod isolation;
+mod least_privilege;
 mod munmap;
 mod nested;
 mod realloc;

@@ -88,6 +88,7 @@ const FIXTURES: &[&str] = &[
     "busy",
     "churn",
     "uprobe_page",
+    "placement",
 ];
 
 struct FixtureDir {
