@@ -13,6 +13,9 @@
 //! - `placement`: bare entry uprobes at the spots memtrace picks fire without the kernel
 //!   mapping its `[uprobes]` single-step page (`tests/fixtures/placement.c`), while probes
 //!   at the functions' first instructions do map it (so the check can fail);
+//! - `uprobes_without_sys_admin`: whether the kernel opens those bare uprobes for a
+//!   process with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE but not CAP_SYS_ADMIN
+//!   (memtrace's preflight asks for CAP_SYS_ADMIN because it does not);
 //! - the always-on tier's BTF tracepoints and the BPF ring buffer: available or not.
 //!
 //! See `../shared/kernel-matrix.md` for what was found to work on these machines.
@@ -109,6 +112,7 @@ const CHECKS: &[&str] = &[
     "verifier",
     "exact",
     "placement",
+    "uprobes_without_sys_admin",
     "bpf_ringbuf",
     "tracepoint_page_fault_user",
     "tracepoint_rss_stat",
@@ -449,7 +453,11 @@ impl Guest {
         }
 
         let mut libraries = vec![PathBuf::from(&libc)];
+        // util-linux's, not busybox's (which has no --bounding-set).
+        std::fs::copy("/usr/bin/setpriv", tree.join("fixtures/setpriv"))
+            .context("copying /usr/bin/setpriv (Debian's util-linux)")?;
         for binary in [
+            tree.join("fixtures/setpriv"),
             tree.join("memtrace"),
             tree.join("fixtures/exact"),
             tree.join("fixtures/placement"),
@@ -505,6 +513,19 @@ impl Guest {
         verdicts.insert(
             "placement",
             placement_verdict(sections.get("placement"), sections.get("control")),
+        );
+        verdicts.insert(
+            "uprobes_without_sys_admin",
+            match sections.get("perfmon") {
+                Some(s) if s.status == 0 => Verdict::Available,
+                Some(s) if s.stderr.contains("Permission denied") => {
+                    Verdict::Unavailable("perf_event_open of a uprobe: EACCES".into())
+                }
+                Some(s) => {
+                    Verdict::Fail(format!("exit {}: {}", s.status, last_lines(&s.stderr, 3)))
+                }
+                None => Verdict::Fail("the guest did not run it".into()),
+            },
         );
         verdicts
     }
@@ -661,7 +682,8 @@ step() {{
 step check /memtrace check --format json
 step exact /memtrace top --format json --interval 600 -- /fixtures/exact
 step placement /fixtures/placement {libc} {placed}
-{control}echo "{MARK} done" >/dev/ttyS1
+{control}step perfmon /fixtures/setpriv --bounding-set=-all,+bpf,+perfmon,+sys_ptrace --inh-caps=-all -- /fixtures/placement {libc} {placed}
+echo "{MARK} done" >/dev/ttyS1
 sync
 sleep 1
 poweroff -f
