@@ -117,6 +117,8 @@ pub struct Agent {
     view: SharedView,
     started: Instant,
     next_oldest_scan: Option<Instant>,
+    /// Said that no cgroup matches the patterns (said again after they match again).
+    said_no_match: std::sync::atomic::AtomicBool,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -161,6 +163,7 @@ impl Agent {
             view,
             started: Instant::now(),
             next_oldest_scan: None,
+            said_no_match: Default::default(),
         })
     }
 
@@ -210,7 +213,23 @@ impl Agent {
         if let Some(hierarchy) = &self.hierarchy
             && !self.patterns.is_empty()
         {
-            for path in hierarchy.matching(&self.patterns) {
+            let matching = hierarchy.matching(&self.patterns);
+            self.metrics.matching_cgroups.set(matching.len() as i64);
+            let none = matching.is_empty();
+            if none
+                != self
+                    .said_no_match
+                    .swap(none, std::sync::atomic::Ordering::Relaxed)
+                && none
+            {
+                log::warn!(
+                    "no cgroup under {} matches {:?}: nothing to trace there until one does",
+                    hierarchy.dir("").display(),
+                    self.patterns.sources
+                );
+            }
+            for path in matching {
+                // A process may leave (or the cgroup go) between the listing and the read.
                 for pid in hierarchy.processes(&path).unwrap_or_default() {
                     wanted.insert(pid, path.clone());
                 }

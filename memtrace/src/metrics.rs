@@ -44,6 +44,7 @@ pub struct Metrics {
     pub evicted_stacks: IntCounter,
     pub tick_seconds: Gauge,
     pub feature_available: IntGaugeVec,
+    pub matching_cgroups: IntGauge,
 }
 
 impl Metrics {
@@ -135,9 +136,17 @@ impl Metrics {
                 "Whether the kernel offers a feature memtrace uses (1) or not (0); see `memtrace check`.",
                 &["feature"],
             )?,
+            matching_cgroups: IntGauge::new(
+                "memtrace_matching_cgroups",
+                "cgroups matching the --cgroup patterns at the last interval.",
+            )?,
             registry,
         };
-        for metric in [&metrics.traced_processes, &metrics.attached_probes] {
+        for metric in [
+            &metrics.traced_processes,
+            &metrics.attached_probes,
+            &metrics.matching_cgroups,
+        ] {
             metrics.registry.register(Box::new(metric.clone()))?;
         }
         metrics

@@ -27,6 +27,7 @@ mod deploy_rules;
 mod errors;
 mod exact;
 mod fault_churn;
+mod fault_discovery;
 mod fault_kill;
 mod fault_maps;
 mod isolation;

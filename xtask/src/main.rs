@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_agent;
 mod ebpf_build;
+mod soak;
 mod vm;
 
 #[derive(Parser)]
@@ -33,6 +34,12 @@ enum Task {
     Test,
     /// Run the overhead benchmark and print its table.
     Bench,
+    /// Run the agent under process churn for a long time; table of its RSS and fds.
+    Soak {
+        /// How long (`30m`, `90s`, or seconds).
+        #[arg(long, default_value = "3m", value_parser = parse_minutes)]
+        duration: std::time::Duration,
+    },
     /// Boot other kernels under qemu and check memtrace on each (cached downloads).
     VmTest {
         /// Only these kernels of the matrix (5.10, 6.1, 6.12, newest).
@@ -98,12 +105,28 @@ fn run(task: Task) -> Result<()> {
             ensure_bpf_toolchain()?;
             bench::run(&root)?;
         }
+        Task::Soak { duration } => {
+            ensure_bpf_toolchain()?;
+            soak::run(&root, duration)?;
+        }
         Task::VmTest { kernels } => {
             ensure_bpf_toolchain()?;
             vm::run(&root, &kernels)?;
         }
     }
     Ok(())
+}
+
+/// `30m`, `90s`, or plain seconds.
+fn parse_minutes(text: &str) -> Result<std::time::Duration, String> {
+    let (number, scale) = match text.strip_suffix('m') {
+        Some(minutes) => (minutes, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration"))?;
+    Ok(std::time::Duration::from_secs(value * scale))
 }
 
 fn workspace_root() -> PathBuf {
