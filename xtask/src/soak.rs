@@ -150,6 +150,23 @@ fn soak(
     let pid = child.id();
     *agent = Some(child);
 
+    // Started when it serves and traces every worker.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = agent.as_mut().expect("started").try_wait()? {
+            bail!("the agent exited ({status}):\n{}", log_tail(&log_path));
+        }
+        let traced = scrape(addr)
+            .ok()
+            .and_then(|(_, body)| metric(&body, "memtrace_traced_processes"));
+        if traced == Some(PROCESSES as f64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent traced {traced:?} of {PROCESSES} after 120 s");
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
     println!(
         "xtask: soak for {} min: {PROCESSES} churning processes, one replaced every {} s",
         duration.as_secs() / 60,
