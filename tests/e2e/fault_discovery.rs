@@ -18,9 +18,13 @@ fn fault_nothing_matches() {
     agent.wait_for("a few intervals", WAIT_TIMEOUT, |s| {
         (s.value("memtrace_traced_processes", &[]) == Some(0.0)).then_some(())
     });
+    // An observation window of five intervals: the line must not come back.
     std::thread::sleep(std::time::Duration::from_secs(1));
     let stderr = agent.stderr();
-    let said = stderr.lines().filter(|l| l.contains("no cgroup under")).count();
+    let said = stderr
+        .lines()
+        .filter(|l| l.contains("no cgroup under"))
+        .count();
     assert_eq!(said, 1, "expected one `no cgroup under` line\n{stderr}");
     assert!(stderr.contains(&pattern), "{stderr}");
     assert_eq!(agent.get("/healthz").status, 200);
@@ -57,7 +61,11 @@ fn fault_pid_gone() {
     agent.wait_traced(0, WAIT_TIMEOUT);
     assert_eq!(agent.get("/healthz").status, 200);
     assert!(
-        agent.proc.stderr_so_far().lines().all(|l| !l.contains("panicked")),
+        agent
+            .proc
+            .stderr_so_far()
+            .lines()
+            .all(|l| !l.contains("panicked")),
         "{}",
         agent.stderr()
     );
