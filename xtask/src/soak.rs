@@ -57,7 +57,8 @@ pub fn run(root: &Path, duration: Duration) -> Result<()> {
     let churn = compile_churn(&dir)?;
     let mount = cgroup2_mount()?;
     remove_stale_cgroups(&mount);
-    let relative = format!("memtrace-bench-soak-{}", std::process::id());
+    // `memtrace-bench-<pid>-...`: what remove_stale_cgroups (of any bench run) recognizes as live.
+    let relative = format!("memtrace-bench-{}-soak", std::process::id());
     let parent = mount.join(&relative);
     std::fs::create_dir(&parent).with_context(|| format!("creating {}", parent.display()))?;
 
