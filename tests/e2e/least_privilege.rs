@@ -147,3 +147,39 @@ fn memtrace_check_probes(libc: &std::path::Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// The HTTP listener binds exactly where `--listen` says (here loopback only: no socket
+/// on the wildcard address), and serves reads only.
+#[test]
+fn least_privilege_listener_binds_where_told() {
+    let _serial = serial();
+    require_root();
+    let agent = Agent::start(&["--interval", "1s"]);
+    let port = format!("{:04X}", agent.addr.port());
+    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", agent.proc.pid())).unwrap();
+    // "sl local_address rem_address st ...": LISTEN is state 0A.
+    let listening: Vec<&str> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.get(3) == Some(&"0A")).then(|| fields[1])
+        })
+        .filter(|local| local.ends_with(&format!(":{port}")))
+        .collect();
+    assert_eq!(
+        listening,
+        [format!("0100007F:{port}")],
+        "the agent must listen on 127.0.0.1 only\n{tcp}"
+    );
+    let tcp6 =
+        std::fs::read_to_string(format!("/proc/{}/net/tcp6", agent.proc.pid())).unwrap_or_default();
+    assert!(
+        !tcp6.lines().any(|l| l
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|a| a.ends_with(&format!(":{port}")))),
+        "the agent also listens on IPv6\n{tcp6}"
+    );
+    drop(agent);
+}
