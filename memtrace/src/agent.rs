@@ -185,6 +185,8 @@ pub struct Agent {
     /// Containers watched but not escalated: their stacks keep what was learned.
     frozen: HashSet<u64>,
     python_metrics: PythonMetrics,
+    /// Said that no cgroup matches the patterns (said again after they match again).
+    said_no_match: std::sync::atomic::AtomicBool,
 }
 
 /// How often, at most, the live-block map is scanned for the oldest block of suspects.
@@ -309,6 +311,7 @@ impl Agent {
             watch,
             escalating,
             frozen: HashSet::new(),
+            said_no_match: Default::default(),
         })
     }
 
@@ -468,8 +471,24 @@ impl Agent {
         if let Some(hierarchy) = &self.hierarchy
             && !self.patterns.is_empty()
         {
-            for path in hierarchy.matching(&self.patterns) {
+            let matching = hierarchy.matching(&self.patterns);
+            self.metrics.matching_cgroups.set(matching.len() as i64);
+            let none = matching.is_empty();
+            if none
+                != self
+                    .said_no_match
+                    .swap(none, std::sync::atomic::Ordering::Relaxed)
+                && none
+            {
+                log::warn!(
+                    "no cgroup under {} matches {:?}: nothing to trace there until one does",
+                    hierarchy.dir("").display(),
+                    self.patterns.sources
+                );
+            }
+            for path in matching {
                 watched.push(path.clone());
+                // A process may leave (or the cgroup go) between the listing and the read.
                 for pid in hierarchy.processes(&path).unwrap_or_default() {
                     wanted.insert(pid, path.clone());
                 }
@@ -687,8 +706,16 @@ impl Agent {
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();
-        self.tracer
-            .trace_shared(pid, &process::in_root(pid, &libc.path), libc.file)?;
+        let readable = process::in_root(pid, &libc.path)?;
+        if !process::is_file(&readable, libc.file)
+            .with_context(|| format!("reading {}", readable.display()))?
+        {
+            anyhow::bail!(
+                "{} is not the libc pid {pid} maps (replaced since?): not attaching",
+                readable.display()
+            );
+        }
+        self.tracer.trace_shared(pid, &readable, libc.file)?;
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
         // Probes shared per interpreter file, like libc's, except in exact mode: untraced
         // processes mapping the same file would then trap on every object they allocate.
@@ -1251,8 +1278,11 @@ fn monotonic_ms() -> f64 {
 
 /// `memtrace agent`: serve HTTP, trace, stop cleanly on SIGTERM/SIGINT.
 pub fn run(args: AgentArgs) -> Result<std::process::ExitCode> {
-    preflight::check(std::path::Path::new("/sys"))?;
+    preflight::check_agent(std::path::Path::new("/sys"))?;
     let metrics = Metrics::new()?;
+    let features = crate::features::detect(std::path::Path::new("/sys"));
+    crate::features::log_missing(&features);
+    crate::features::export(&features, &metrics.feature_available);
     let view: SharedView = Arc::default();
     let (stop_tx, stop_rx) = mpsc::channel();
     let listener = std::net::TcpListener::bind(args.listen)

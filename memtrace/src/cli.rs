@@ -29,6 +29,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Measure what memtrace's allocator probes cost per call on this machine.
     Calibrate(CalibrateArgs),
+    /// Show what this kernel offers memtrace: features, BPF verifier verdicts, probe spots.
+    Check(crate::check::CheckArgs),
 }
 
 const AGENT_EXAMPLES: &str = "\
@@ -311,5 +313,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Top(args) => crate::top::run(args),
         Command::Agent(args) => crate::agent::run(args),
         Command::Calibrate(args) => crate::calibrate::run(args.json, args.sample_bytes),
+        Command::Check(args) => crate::check::run(args),
     }
 }

@@ -49,6 +49,11 @@ impl ElfFile {
             path: path.to_owned(),
             source,
         })?;
+        Self::parse(path, data)
+    }
+
+    /// Parses `data`, the contents of the file at `path` (named in errors).
+    pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self, ElfError> {
         let parse = |source| ElfError::Parse {
             path: path.to_owned(),
             source,

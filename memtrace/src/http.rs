@@ -199,3 +199,148 @@ async fn flamegraph(
             .into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The listener takes query strings from anyone who can reach it: property tests that
+    //! no query makes it fail, and that it only reads.
+    use axum::{body::Body, http::Request};
+    use proptest::prelude::*;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::report::Frame;
+
+    const HOSTILE: &str = "</text><script>alert(1)</script>";
+
+    fn app() -> Router {
+        let view = SharedView::default();
+        {
+            let mut view = view.write().unwrap();
+            for container in ["/a", HOSTILE] {
+                let frame = Frame {
+                    function: Some(format!("leak<{container}>")),
+                    module: "/app".into(),
+                    file: None,
+                    line: None,
+                    address: "0x1".into(),
+                    offset: None,
+                };
+                view.profiles.insert(
+                    container.to_owned(),
+                    vec![ProfileSample {
+                        frames: vec![frame],
+                        bytes: 100,
+                        count: 1,
+                    }],
+                );
+            }
+        }
+        router(AppState {
+            metrics: Metrics::new().unwrap(),
+            view,
+        })
+    }
+
+    fn request(method: &str, uri: &str) -> (StatusCode, Vec<u8>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap();
+            let response = app().oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+                .await
+                .unwrap();
+            (status, body.to_vec())
+        })
+    }
+
+    fn encode(value: &str) -> String {
+        value
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hostile_container_name_is_escaped_in_the_flame_graph() {
+        let (status, body) = request(
+            "GET",
+            &format!("/flamegraph.svg?container={}", encode(HOSTILE)),
+        );
+        assert_eq!(status, StatusCode::OK);
+        // (inferno's SVG has a script of its own: look for ours.)
+        let svg = String::from_utf8(body).unwrap();
+        assert!(!svg.contains("<script>alert"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;alert(1)"), "{svg}");
+    }
+
+    #[test]
+    fn only_get_is_served() {
+        for path in [
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/api/v1/suspects",
+            "/debug/pprof/heap",
+            "/flamegraph.svg",
+        ] {
+            for method in ["POST", "PUT", "DELETE", "PATCH"] {
+                assert_eq!(
+                    request(method, path).0,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any decoded value of `container` (and any other parameter) is served or
+        /// refused with 404; never a server error.
+        #[test]
+        fn any_container_parameter_is_answered(
+            container in ".{0,40}",
+            other in "[a-z]{1,8}",
+            path in prop::sample::select(vec!["/flamegraph.svg", "/debug/pprof/heap"]),
+        ) {
+            let uri = format!("{path}?{other}=1&container={}", encode(&container));
+            let (status, body) = request("GET", &uri);
+            let known = container == "/a" || container == HOSTILE;
+            prop_assert_eq!(status, if known { StatusCode::OK } else { StatusCode::NOT_FOUND });
+            if !known {
+                prop_assert!(String::from_utf8_lossy(&body).contains("no traced container"));
+            }
+        }
+
+        /// Raw query strings, well-formed or not, never make a handler fail.
+        #[test]
+        fn raw_query_strings_never_fail(query in "[ -~]{0,60}") {
+            let query: String = query.chars().filter(|c| !c.is_whitespace() && *c != '#').collect();
+            for path in ["/flamegraph.svg", "/debug/pprof/heap", "/metrics"] {
+                let Ok(uri) = format!("{path}?{query}").parse::<axum::http::Uri>() else {
+                    continue;
+                };
+                let (status, _) = request("GET", &uri.to_string());
+                prop_assert!(
+                    [StatusCode::OK, StatusCode::NOT_FOUND, StatusCode::BAD_REQUEST].contains(&status),
+                    "{} -> {}", uri, status
+                );
+            }
+        }
+    }
+}

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub populated_bytes: IntCounterVec,
     pub escalated: IntGaugeVec,
     pub escalations: IntCounterVec,
+    pub feature_available: IntGaugeVec,
+    pub matching_cgroups: IntGauge,
 }
 
 impl Metrics {
@@ -183,9 +185,22 @@ impl Metrics {
                 "Windows of allocator probes a container got because its memory grew.",
                 &CONTAINER_LABELS,
             )?,
+            feature_available: gauge_vec(
+                "memtrace_feature_available",
+                "Whether the kernel offers a feature memtrace uses (1) or not (0); see `memtrace check`.",
+                &["feature"],
+            )?,
+            matching_cgroups: IntGauge::new(
+                "memtrace_matching_cgroups",
+                "cgroups matching the --cgroup patterns at the last interval.",
+            )?,
             registry,
         };
-        for metric in [&metrics.traced_processes, &metrics.attached_probes] {
+        for metric in [
+            &metrics.traced_processes,
+            &metrics.attached_probes,
+            &metrics.matching_cgroups,
+        ] {
             metrics.registry.register(Box::new(metric.clone()))?;
         }
         metrics

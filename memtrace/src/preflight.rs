@@ -4,27 +4,25 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
-/// Capabilities memtrace cannot trace without, by name. CAP_SYS_ADMIN covers CAP_BPF
-/// and CAP_PERFMON, and opening a uprobe perf event needs it itself: with CAP_BPF,
-/// CAP_PERFMON and CAP_SYS_PTRACE but not CAP_SYS_ADMIN, `perf_event_open` of a uprobe
-/// fails with EACCES on 6.18 (measured; see deploy/kubernetes/overlays/capabilities).
-pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+/// Capabilities memtrace cannot trace without, by name.
+///
+/// CAP_SYS_ADMIN: it covers CAP_BPF and CAP_PERFMON, and opening a uprobe perf event
+/// needs it itself: with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE but not CAP_SYS_ADMIN,
+/// `perf_event_open` of a uprobe fails with EACCES (measured on 6.18, and by
+/// `cargo xtask vm-test` on 5.10 to 7.x). With `for_agent`, also CAP_SYS_PTRACE: the
+/// agent reads the maps and files of processes of any user (`/proc/PID/root`).
+pub fn missing_capabilities(effective: u64, for_agent: bool) -> Vec<&'static str> {
     let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) {
-        return Vec::new();
-    }
     let mut missing = Vec::new();
-    if !has(CAP_BPF) {
-        missing.push("CAP_BPF");
+    if !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_SYS_ADMIN");
     }
-    if !has(CAP_PERFMON) {
-        missing.push("CAP_PERFMON");
+    if for_agent && !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
     }
-    missing.push("CAP_SYS_ADMIN");
     missing
 }
 
@@ -36,17 +34,33 @@ pub fn effective_capabilities(status: &str) -> Option<u64> {
 
 /// Everything `memtrace top` needs from the kernel and its own privileges.
 pub fn check(sysfs: &Path) -> Result<()> {
+    check_privileges(false)?;
+    check_kernel(sysfs)
+}
+
+/// Everything `memtrace agent` needs: what `top` needs, and CAP_SYS_PTRACE.
+pub fn check_agent(sysfs: &Path) -> Result<()> {
+    check_privileges(true)?;
+    check_kernel(sysfs)
+}
+
+fn check_privileges(for_agent: bool) -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let effective = effective_capabilities(&status).unwrap_or(0);
-    let missing = missing_capabilities(effective);
+    let missing = missing_capabilities(effective, for_agent);
     if !missing.is_empty() {
         bail!(
-            "memtrace needs root, or CAP_SYS_ADMIN with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \
-             (uprobe perf events need CAP_SYS_ADMIN); this process lacks {}",
+            "memtrace needs root, or CAP_SYS_ADMIN (BPF programs and uprobe perf events: \
+             CAP_BPF and CAP_PERFMON are not enough for uprobes){}; this process lacks {}",
+            if for_agent {
+                " and CAP_SYS_PTRACE (the maps and files of other users' processes)"
+            } else {
+                ""
+            },
             missing.join(", ")
         );
     }
-    check_kernel(sysfs)
+    Ok(())
 }
 
 /// Kernel features, looked up under `sysfs` (`/sys` on a real system).
@@ -72,19 +86,24 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
+        assert_eq!(missing_capabilities(0, false), vec!["CAP_SYS_ADMIN"]);
         assert_eq!(
-            missing_capabilities(0),
-            vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
+            missing_capabilities(0, true),
+            vec!["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
         );
+        // CAP_BPF and CAP_PERFMON do not replace CAP_SYS_ADMIN for uprobes.
         assert_eq!(
-            missing_capabilities(1 << CAP_BPF),
-            vec!["CAP_PERFMON", "CAP_SYS_ADMIN"]
-        );
-        assert_eq!(
-            missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)),
+            missing_capabilities((1 << 39) | (1 << 38) | (1 << CAP_SYS_PTRACE), true),
             vec!["CAP_SYS_ADMIN"]
         );
-        assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
+        assert_eq!(
+            missing_capabilities(1 << CAP_SYS_ADMIN, true),
+            vec!["CAP_SYS_PTRACE"]
+        );
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN, false).is_empty());
+        assert!(
+            missing_capabilities((1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE), true).is_empty()
+        );
     }
 
     #[test]

@@ -153,10 +153,73 @@ pub fn command_line(pid: u32) -> String {
     }
 }
 
-/// A path inside the process's own root (its container's filesystem), seen from here.
-pub fn in_root(pid: u32, path: &Path) -> PathBuf {
-    let relative = path.strip_prefix("/").unwrap_or(path);
-    PathBuf::from(format!("/proc/{pid}/root")).join(relative)
+/// A path inside the process's own root (its container's filesystem), seen from here,
+/// with every symbolic link on the way resolved inside that root: see [`resolve_in_root`].
+pub fn in_root(pid: u32, path: &Path) -> std::io::Result<PathBuf> {
+    resolve_in_root(Path::new(&format!("/proc/{pid}/root")), path)
+}
+
+/// Most symbolic links followed for one path (the kernel's own limit).
+const MAX_LINKS: usize = 40;
+
+/// `path` as the process whose root is `root` sees it, spelled from here as `root` plus
+/// components that are not symbolic links.
+///
+/// The kernel, walking `/proc/PID/root/...`, would resolve an absolute link or a `..`
+/// inside the container against *memtrace's* root: a container could point its libc at
+/// any file of the host. So each link is read here and resolved against `root`, and `..`
+/// stops at `root`, as `openat2(RESOLVE_IN_ROOT)` would. A component that does not exist
+/// is kept as it is (opening the result then fails, naming it). A link swapped in between
+/// this walk and the open is not caught here: callers that attach check the file's
+/// identity against the process's maps.
+pub fn resolve_in_root(root: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    use std::{collections::VecDeque, ffi::OsString, path::Component};
+    fn parts(path: &Path) -> impl Iterator<Item = OsString> + '_ {
+        path.components().filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+    }
+    let mut resolved = PathBuf::new();
+    let mut pending: VecDeque<OsString> = parts(path).collect();
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = root.join(&resolved).join(&name);
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(std::io::Error::other(format!(
+                        "{}: more than {MAX_LINKS} symbolic links",
+                        root.join(path.strip_prefix("/").unwrap_or(path)).display()
+                    )));
+                }
+                let target = std::fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for part in parts(&target).collect::<Vec<_>>().into_iter().rev() {
+                    pending.push_front(part);
+                }
+            }
+            _ => resolved.push(&name),
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+/// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
+pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let dev = meta.dev();
+    let device = (libc::major(dev) as i32, libc::minor(dev) as i32);
+    Ok(device == file.device && meta.ino() == file.inode)
 }
 
 /// The libc this program itself runs on.
@@ -216,7 +279,8 @@ pub fn libc_of_running(pid: u32) -> Result<Mapping> {
         return Ok(libc.clone());
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let is_static = ElfFile::open(&in_root(pid, &exe)).is_ok_and(|elf| elf.interpreter().is_none());
+    let is_static = in_root(pid, &exe)
+        .is_ok_and(|exe| ElfFile::open(&exe).is_ok_and(|elf| elf.interpreter().is_none()));
     if is_static {
         bail!(
             "PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator",

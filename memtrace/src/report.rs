@@ -198,7 +198,13 @@ impl Resolver {
         let alive = process::exists(self.pid);
         for (file, (path, offsets)) in by_file {
             let readable = if alive {
-                process::in_root(self.pid, &path)
+                match process::in_root(self.pid, &path) {
+                    Ok(readable) => readable,
+                    Err(e) => {
+                        log::debug!("not symbolizing {}: {e}", path.display());
+                        continue;
+                    }
+                }
             } else {
                 path
             };

@@ -89,7 +89,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     let pid = traced.pid();
 
     let mut tracer = Tracer::load(&options)?;
-    let readable_libc = process::in_root(pid, &libc);
+    let readable_libc = process::in_root(pid, &libc)?;
     // A running target's memory map is read before it is told (by our "attached" line)
     // that it is traced: it may exit right after, and its stacks must still resolve.
     let mut resolver = Resolver::new(pid);

@@ -467,6 +467,23 @@ impl Tracer {
         }
     }
 
+    /// Loads every uprobe program of the object, so that the kernel's verifier checks
+    /// each (`memtrace check`); the error of each that fails, by name.
+    pub fn load_programs(&mut self) -> Vec<(String, Result<(), String>)> {
+        let mut results = Vec::new();
+        for (name, program) in self.ebpf.programs_mut() {
+            let result = match program {
+                aya::programs::Program::UProbe(uprobe) => {
+                    uprobe.load().map_err(|e| verifier_tail(&format!("{e}")))
+                }
+                other => Err(format!("not checked: {:?} programs", other.prog_type())),
+            };
+            results.push((name.to_owned(), result));
+        }
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        results
+    }
+
     /// How many probes (entry and return) are attached now.
     pub fn attached_probes(&self) -> usize {
         self.links.values().map(Vec::len).sum()
@@ -677,6 +694,53 @@ impl Tracer {
         let usage: BpfHashMap<&MapData, UsageKey, Usage> =
             BpfHashMap::try_from(self.map(maps::USAGE)?)?;
         Ok((traced.keys().count(), usage.keys().count()))
+    }
+}
+
+/// Where each of libc's allocator functions gets its probe (what [`Tracer::attach_libc`]
+/// would attach), without attaching anything.
+pub fn probe_plan(libc: &Path) -> Result<Vec<PlannedProbe>> {
+    let elf = ElfFile::open(libc)?;
+    let mut plan: Vec<PlannedProbe> = Vec::new();
+    for spec in LIBC_PROBES {
+        let Some(function) = elf.function(spec.symbol) else {
+            continue;
+        };
+        if plan
+            .iter()
+            .any(|p| p.function_offset == function.file_offset)
+        {
+            continue; // an alias
+        }
+        let placed = placement::place(elf.code(function, 4096));
+        plan.push(PlannedProbe {
+            symbol: spec.symbol,
+            function_offset: function.file_offset,
+            probe_offset: placed.offset,
+            emulated: placed.emulated,
+        });
+    }
+    Ok(plan)
+}
+
+/// One probe of [`probe_plan`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlannedProbe {
+    pub symbol: &'static str,
+    /// The function's offset in the file.
+    pub function_offset: u64,
+    /// The probe's offset from the function's start.
+    pub probe_offset: u64,
+    /// The kernel emulates the probed instruction (no out-of-line single step).
+    pub emulated: bool,
+}
+
+/// The end of a verifier error, where the reason is (the whole log runs to pages).
+fn verifier_tail(error: &str) -> String {
+    const KEEP: usize = 2000;
+    match error.char_indices().rev().nth(KEEP) {
+        Some((cut, _)) => format!("...{}", &error[cut..]),
+        None => error.to_owned(),
     }
 }
 

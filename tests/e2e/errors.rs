@@ -24,7 +24,7 @@ fn assert_error(finished: &Finished, needle: &str) {
         finished.describe()
     );
     // A lowercase needle matches in any case ("No such process" is how
-    // strerror spells ESRCH); others (CAP_BPF) must appear as written.
+    // strerror spells ESRCH); others (CAP_SYS_ADMIN) must appear as written.
     assert!(
         lines[0].contains(needle) || lines[0].to_lowercase().contains(needle),
         "the error does not mention {needle:?}\n{}",
@@ -100,5 +100,5 @@ fn error_not_root() {
     .args(["top", "--format", "json", "--"])
     .arg(&target);
     let finished = Proc::spawn("memtrace as nobody", cmd).wait(RUN_TIMEOUT);
-    assert_error(&finished, "CAP_BPF");
+    assert_error(&finished, "lacks CAP_SYS_ADMIN");
 }

@@ -76,8 +76,21 @@ fn fixture_src_dir() -> PathBuf {
 
 /// Every dynamically linked fixture, compiled once per test run.
 const FIXTURES: &[&str] = &[
-    "baseline", "exact", "realloc", "munmap", "nested", "threads", "waiter", "sampling", "shapes",
-    "busy", "churn", "pages",
+    "baseline",
+    "exact",
+    "realloc",
+    "munmap",
+    "nested",
+    "threads",
+    "waiter",
+    "sampling",
+    "shapes",
+    "busy",
+    "churn",
+    "forker",
+    "pages",
+    "uprobe_page",
+    "placement",
 ];
 
 struct FixtureDir {

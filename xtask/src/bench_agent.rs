@@ -590,7 +590,7 @@ impl Drop for Run {
 
 /// Removes a cgroup this benchmark made: kills what is still in it (only our processes
 /// are) and retries rmdir until the kernel lets go of it.
-fn remove_cgroup(dir: &Path) -> Result<(), String> {
+pub(crate) fn remove_cgroup(dir: &Path) -> Result<(), String> {
     if !dir.exists() {
         return Ok(());
     }
@@ -615,7 +615,7 @@ fn remove_cgroup(dir: &Path) -> Result<(), String> {
 
 /// Removes cgroups left by an earlier run of this benchmark that was killed (its xtask
 /// process is gone).
-fn remove_stale_cgroups(mount: &Path) {
+pub(crate) fn remove_stale_cgroups(mount: &Path) {
     let Ok(entries) = std::fs::read_dir(mount) else {
         return;
     };
@@ -665,7 +665,7 @@ fn verify_nothing_left(mount: &Path) -> Result<()> {
     Ok(())
 }
 
-fn compile_churn(bench_dir: &Path) -> Result<PathBuf> {
+pub(crate) fn compile_churn(bench_dir: &Path) -> Result<PathBuf> {
     let source = bench_dir.join("churn.c");
     let binary = bench_dir.join("churn");
     std::fs::write(&source, CHURN_C).with_context(|| format!("writing {}", source.display()))?;
@@ -679,7 +679,7 @@ fn compile_churn(bench_dir: &Path) -> Result<PathBuf> {
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Result<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     mountinfo
         .lines()
@@ -692,12 +692,12 @@ fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 /// A loopback port nobody listens on now.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// One `GET /metrics` on a new connection: how long it took and the body.
-fn scrape(addr: SocketAddr) -> Result<(Duration, String)> {
+pub(crate) fn scrape(addr: SocketAddr) -> Result<(Duration, String)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -720,7 +720,7 @@ fn scrape(addr: SocketAddr) -> Result<(Duration, String)> {
 }
 
 /// The value of the sample `name` (with its labels, if any) in a text exposition.
-fn metric(body: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines().find_map(|line| {
         line.strip_prefix(name)?
             .strip_prefix(' ')?
@@ -731,7 +731,7 @@ fn metric(body: &str, name: &str) -> Option<f64> {
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command (which may hold spaces) start at field 3, the state.
     let fields: Vec<&str> = stat
@@ -745,7 +745,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(utime + stime)
 }
 
-fn clock_ticks() -> u64 {
+pub(crate) fn clock_ticks() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -755,7 +755,7 @@ fn clock_ticks() -> u64 {
 }
 
 /// A `kB` line of /proc/PID/status.
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
+pub(crate) fn status_kib(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -764,7 +764,7 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

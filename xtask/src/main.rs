@@ -19,6 +19,8 @@ mod bench_python;
 mod bench_quiet;
 mod bench_tiers;
 mod ebpf_build;
+mod soak;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -40,6 +42,18 @@ enum Task {
         /// Run only this part (while working on it): overhead, python, pages, django or agent.
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
+    },
+    /// Run the agent under process churn for a long time; table of its RSS and fds.
+    Soak {
+        /// How long (`30m`, `90s`, or seconds).
+        #[arg(long, default_value = "3m", value_parser = parse_minutes)]
+        duration: std::time::Duration,
+    },
+    /// Boot other kernels under qemu and check memtrace on each (cached downloads).
+    VmTest {
+        /// Only these kernels of the matrix (5.10, 6.1, 6.12, newest).
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
     },
 }
 
@@ -107,8 +121,28 @@ fn run(task: Task) -> Result<()> {
             ensure_bpf_toolchain()?;
             bench::run(&root, only)?;
         }
+        Task::Soak { duration } => {
+            ensure_bpf_toolchain()?;
+            soak::run(&root, duration)?;
+        }
+        Task::VmTest { kernels } => {
+            ensure_bpf_toolchain()?;
+            vm::run(&root, &kernels)?;
+        }
     }
     Ok(())
+}
+
+/// `30m`, `90s`, or plain seconds.
+fn parse_minutes(text: &str) -> Result<std::time::Duration, String> {
+    let (number, scale) = match text.strip_suffix('m') {
+        Some(minutes) => (minutes, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration"))?;
+    Ok(std::time::Duration::from_secs(value * scale))
 }
 
 fn workspace_root() -> PathBuf {

@@ -448,7 +448,7 @@ pub fn find_in_process(pid: u32) -> Result<Option<FoundPython>> {
         if !candidate {
             continue;
         }
-        let readable = process::in_root(pid, &mapping.path);
+        let readable = process::in_root(pid, &mapping.path)?;
         let Some(python) = open_cached(&readable, mapping.file)? else {
             continue;
         };
