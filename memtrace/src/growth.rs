@@ -48,36 +48,29 @@ impl Tracer {
 
     /// Counts the page faults of every process in cgroup `id` (a container).
     pub fn watch_cgroup(&mut self, id: u64) -> Result<()> {
-        let mut watched: BpfHashMap<&mut MapData, u64, u32> =
-            BpfHashMap::try_from(self.map_mut(maps::WATCHED_CGROUPS)?)?;
-        watched
-            .insert(id, 1, 0)
+        self.set_watched(maps::WATCHED_CGROUPS, id, true)
             .with_context(|| format!("watching cgroup {id} (too many containers?)"))
     }
 
     pub fn unwatch_cgroup(&mut self, id: u64) {
-        if let Ok(map) = self.map_mut(maps::WATCHED_CGROUPS)
-            && let Ok(mut watched) = BpfHashMap::<&mut MapData, u64, u32>::try_from(map)
-        {
-            let _ = watched.remove(&id);
-        }
+        let _ = self.set_watched(maps::WATCHED_CGROUPS, id, false);
     }
 
     /// Counts the page faults of process `tgid`, whatever its cgroup.
     pub fn watch_process(&mut self, tgid: u32) -> Result<()> {
-        let mut watched: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(self.map_mut(maps::WATCHED_PROCESSES)?)?;
-        watched
-            .insert(tgid, 1, 0)
+        self.set_watched(maps::WATCHED_PROCESSES, tgid, true)
             .with_context(|| format!("watching pid {tgid}"))
     }
 
-    pub fn unwatch_process(&mut self, tgid: u32) {
-        if let Ok(map) = self.map_mut(maps::WATCHED_PROCESSES)
-            && let Ok(mut watched) = BpfHashMap::<&mut MapData, u32, u32>::try_from(map)
-        {
-            let _ = watched.remove(&tgid);
+    /// Adds `key` to (or removes it from) one of the watched sets.
+    fn set_watched<K: aya::Pod>(&mut self, map: &str, key: K, watched: bool) -> Result<()> {
+        let mut set: BpfHashMap<&mut MapData, K, u32> = BpfHashMap::try_from(self.map_mut(map)?)?;
+        if watched {
+            set.insert(key, 1, 0)?;
+        } else {
+            set.remove(&key)?;
         }
+        Ok(())
     }
 
     /// Frees the always-on tier's map entries of process `tgid` (gone).
