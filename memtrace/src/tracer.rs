@@ -467,14 +467,25 @@ impl Tracer {
         }
     }
 
-    /// Loads every uprobe program of the object, so that the kernel's verifier checks
-    /// each (`memtrace check`); the error of each that fails, by name.
+    /// Loads every program of the object (uprobes, and the BTF tracepoint programs on
+    /// their tracepoints), so that the kernel's verifier checks each (`memtrace check`);
+    /// the error of each that fails, by name.
     pub fn load_programs(&mut self) -> Vec<(String, Result<(), String>)> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"));
         let mut results = Vec::new();
         for (name, program) in self.ebpf.programs_mut() {
             let result = match program {
                 aya::programs::Program::UProbe(uprobe) => {
                     uprobe.load().map_err(|e| verifier_tail(&format!("{e}")))
+                }
+                aya::programs::Program::BtfTracePoint(program) => {
+                    match (btf_tracepoint_of(name), &btf) {
+                        (Some(tracepoint), Ok(btf)) => program
+                            .load(tracepoint, btf)
+                            .map_err(|e| verifier_tail(&format!("{e}"))),
+                        (None, _) => Err(format!("no tracepoint known for program {name}")),
+                        (_, Err(e)) => Err(e.clone()),
+                    }
                 }
                 other => Err(format!("not checked: {:?} programs", other.prog_type())),
             };
@@ -767,6 +778,20 @@ fn sum_totals<'a>(per_cpu: impl Iterator<Item = &'a ProcessTotals>) -> ProcessTo
         allocations: sum.allocations.wrapping_add(t.allocations),
         unmatched_frees: sum.unmatched_frees.wrapping_add(t.unmatched_frees),
     })
+}
+
+/// The tracepoint each BTF tracepoint program of the object runs on.
+fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
+    use memtrace_common::{lifecycle, programs};
+    [
+        (programs::PAGE_FAULT_USER, "page_fault_user"),
+        (lifecycle::EXEC_PROGRAM, lifecycle::EXEC_TRACEPOINT),
+        (lifecycle::EXIT_PROGRAM, lifecycle::EXIT_TRACEPOINT),
+        (lifecycle::FORK_PROGRAM, lifecycle::FORK_TRACEPOINT),
+    ]
+    .into_iter()
+    .find(|(name, _)| *name == program)
+    .map(|(_, tracepoint)| tracepoint)
 }
 
 /// Adds one stack's exact usage (counts in 1/`COUNT_SCALE`) to its process's totals.

@@ -117,7 +117,13 @@ const CHECKS: &[&str] = &[
     "tracepoint_page_fault_user",
     "tracepoint_rss_stat",
     "tracepoint_sched_process_exec",
+    "lifecycle_events",
 ];
+
+/// Programs memtrace runs without when the kernel refuses them (exec/fork/exit events: the
+/// agent then finds processes by its periodic rescan alone). Their verdict is the
+/// `lifecycle_events` column, not `verifier`.
+const OPTIONAL_PROGRAMS: &[&str] = &["lifecycle_exec", "lifecycle_exit", "lifecycle_fork"];
 
 pub fn run(root: &Path, only: &[String]) -> Result<()> {
     ensure_debian_packages(&[
@@ -503,6 +509,7 @@ impl Guest {
         let report: Option<serde_json::Value> =
             check.and_then(|s| serde_json::from_str(s.stdout.trim()).ok());
         verdicts.insert("verifier", verifier_verdict(check, report.as_ref()));
+        verdicts.insert("lifecycle_events", lifecycle_verdict(report.as_ref()));
         for feature in CHECKS
             .iter()
             .filter(|c| c.starts_with("tracepoint_") || **c == "bpf_ringbuf")
@@ -577,6 +584,7 @@ fn verifier_verdict(check: Option<&Section>, report: Option<&serde_json::Value>)
     let programs = report["programs"].as_array().cloned().unwrap_or_default();
     let failed: Vec<String> = programs
         .iter()
+        .filter(|p| !OPTIONAL_PROGRAMS.contains(&p["name"].as_str().unwrap_or("")))
         .filter(|p| p["loaded"].as_bool() != Some(true))
         .map(|p| {
             format!(
@@ -592,6 +600,30 @@ fn verifier_verdict(check: Option<&Section>, report: Option<&serde_json::Value>)
         Verdict::Pass
     } else {
         Verdict::Fail(failed.join("; "))
+    }
+}
+
+/// Whether the exec/fork/exit event programs pass this kernel's verifier.
+fn lifecycle_verdict(report: Option<&serde_json::Value>) -> Verdict {
+    let Some(programs) = report.and_then(|r| r["programs"].as_array()) else {
+        return Verdict::Fail("`memtrace check` gave no program verdicts".into());
+    };
+    let refused: Vec<String> = programs
+        .iter()
+        .filter(|p| OPTIONAL_PROGRAMS.contains(&p["name"].as_str().unwrap_or("")))
+        .filter(|p| p["loaded"].as_bool() != Some(true))
+        .map(|p| {
+            format!(
+                "{}: {}",
+                p["name"].as_str().unwrap_or("?"),
+                last_lines(p["error"].as_str().unwrap_or(""), 3)
+            )
+        })
+        .collect();
+    if refused.is_empty() {
+        Verdict::Available
+    } else {
+        Verdict::Unavailable(format!("verifier refused {}", refused.join("; ")))
     }
 }
 
