@@ -8,7 +8,7 @@
 //! pprof and flame graphs take them unchanged: a stack's "allocated" and "outstanding"
 //! bytes are the bytes of the pages it populated (growth only: a page given back is not
 //! attributable to the stack that touched it).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use aya::{
@@ -100,7 +100,10 @@ impl Tracer {
                 entries.push((key, growth));
             }
         }
-        let mut snapshot = self.snapshot(&HashSet::new())?; // Counters only.
+        let mut snapshot = Snapshot {
+            counters: self.counters()?,
+            ..Snapshot::default()
+        };
         let mut totals: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
         for (key, growth) in entries {
             let usage = as_usage(&growth);

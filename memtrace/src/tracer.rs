@@ -652,14 +652,20 @@ impl Tracer {
             }
         }
         snapshot.totals = by_process.into_iter().collect();
+        snapshot.counters = self.counters()?;
+        Ok(snapshot)
+    }
 
+    /// The event counters, summed over CPUs, indexed by [`Counter`].
+    pub(crate) fn counters(&self) -> Result<[u64; Counter::COUNT as usize]> {
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(maps::COUNTERS)?)?;
+        let mut sums = [0; Counter::COUNT as usize];
         for counter in Counter::ALL {
             let per_cpu = counters.get(&(counter as u32), 0)?;
-            snapshot.counters[counter as usize] = per_cpu.iter().sum();
+            sums[counter as usize] = per_cpu.iter().sum();
         }
-        Ok(snapshot)
+        Ok(sums)
     }
 
     /// The frames of a stack id (empty for [`NO_STACK`] or an unreadable one), cached:

@@ -112,13 +112,14 @@ impl Watch {
         // Containers: watched while a wanted process is in them. Their anonymous memory
         // is the cgroup's own count where its memory controller is on cgroup v2, else the
         // sum over its processes.
-        let mut anon: HashMap<u64, u64> = HashMap::new();
+        let mut anon: HashMap<u64, u64> = cgroup_dirs
+            .iter()
+            .filter_map(|(id, dir)| Some((*id, cgroup_anon(dir)?)))
+            .collect();
+        let from_cgroup: HashSet<u64> = anon.keys().copied().collect();
         for (&pid, (cgroup_id, _)) in wanted {
-            *anon.entry(*cgroup_id).or_default() += anon_rss(pid).unwrap_or(0);
-        }
-        for (id, dir) in cgroup_dirs {
-            if let Some(bytes) = cgroup_anon(dir) {
-                anon.insert(*id, bytes);
+            if !from_cgroup.contains(cgroup_id) {
+                *anon.entry(*cgroup_id).or_default() += anon_rss(pid).unwrap_or(0);
             }
         }
         let dropped: Vec<u64> = self
