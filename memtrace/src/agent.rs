@@ -715,11 +715,20 @@ impl Agent {
                 readable.display()
             );
         }
-        self.tracer.trace_shared(pid, &readable, libc.file)?;
+        // Escalation probes a few containers at a time, each process on its own: shared
+        // probes would also trap in every other process mapping the same file (replicas of
+        // the same image share it), unseen by the budget. Tracing everything
+        // (`--probes always`) shares one set per file: following hundreds of processes
+        // must not cost a probe removal (~0.1 s in the kernel) per process.
+        if self.escalating {
+            self.tracer.trace_process(pid, &readable)?;
+        } else {
+            self.tracer.trace_shared(pid, &readable, libc.file)?;
+        }
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
         // Probes shared per interpreter file, like libc's, except in exact mode: untraced
         // processes mapping the same file would then trap on every object they allocate.
-        let shared = self.args.python != PythonMode::Exact;
+        let shared = self.args.python != PythonMode::Exact && !self.escalating;
         PythonTarget::running(
             &mut self.tracer,
             &mut resolver,
@@ -1157,17 +1166,21 @@ impl Agent {
                 .with_label_values(&labels.values())
                 .set(bytes.max(0));
         }
-        for counter in memtrace_common::Counter::ALL
-            .into_iter()
-            .filter(|c| c.is_drop())
-        {
+        for counter in memtrace_common::Counter::ALL {
             let value = snapshot.counters[counter as usize];
             let delta = value.saturating_sub(self.last_counters[counter as usize]);
             self.last_counters[counter as usize] = value;
-            self.metrics
-                .dropped_events
-                .with_label_values(&[counter.name()])
-                .inc_by(delta);
+            match counter {
+                memtrace_common::Counter::UntracedHit => {
+                    self.metrics.untraced_probe_hits.inc_by(delta)
+                }
+                c if c.is_drop() => self
+                    .metrics
+                    .dropped_events
+                    .with_label_values(&[c.name()])
+                    .inc_by(delta),
+                _ => {}
+            }
         }
         let total = report::totals(snapshot, |_| true);
         self.metrics
