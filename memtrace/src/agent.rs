@@ -546,16 +546,34 @@ impl Agent {
             return wanted;
         }
         let now = Instant::now();
+        // Pods annotated `memtrace.io/escalate: "true"` ask for the probes, growing or not.
+        let requested: HashSet<u64> = match &self.pods {
+            Some(pods) => ids
+                .iter()
+                .filter(|(path, _)| pods.escalation_requested(path))
+                .map(|(_, id)| *id)
+                .collect(),
+            None => HashSet::new(),
+        };
         let containers = watch.container_ids();
         for &id in &containers {
             let Some(labels) = watch.labels(id).cloned() else {
                 continue;
             };
-            match self.escalation.update(id, now, watch.growing(id)) {
+            let growing = watch.growing(id);
+            match self
+                .escalation
+                .update(id, now, growing || requested.contains(&id))
+            {
                 Some(Change::Started) => {
                     log::info!(
-                        "{}: memory grows; allocator probes on for {:?}",
+                        "{}: {}; allocator probes on for {:?}",
                         labels.container,
+                        if growing {
+                            "memory grows"
+                        } else {
+                            "its pod asks for probes (memtrace.io/escalate)"
+                        },
                         self.args.escalate_for
                     );
                     self.metrics

@@ -46,6 +46,8 @@ impl Spread {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct TopReport {
     pub(crate) allocated_bytes: u64,
+    /// Allocation events counted (0 in reports that do not say).
+    pub(crate) allocations: u64,
     pub(crate) outstanding_bytes: u64,
     /// (innermost function, outstanding bytes) per stack, in the report's order (largest
     /// first).
@@ -76,6 +78,7 @@ impl TopReport {
             .collect::<Result<_>>()?;
         Ok(Self {
             allocated_bytes: number(&totals["allocated_bytes"], "totals.allocated_bytes")?,
+            allocations: totals["allocations"].as_u64().unwrap_or(0),
             outstanding_bytes: number(&totals["outstanding_bytes"], "totals.outstanding_bytes")?,
             stacks,
         })
