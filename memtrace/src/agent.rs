@@ -787,12 +787,18 @@ impl Agent {
                 TrapCost::FALLBACK
             });
             log::info!(
-                "probe cost per call: malloc {:.2} µs, free {:.2} µs; budget {}% of a process's CPU",
+                "probe cost per call: malloc {:.2} µs (+{:.3} µs per stack frame), free {:.2} µs; \
+                 budget {}% of a process's CPU",
                 cost.alloc_ns / 1000.0,
+                cost.alloc_frame_ns / 1000.0,
                 cost.free_ns / 1000.0,
                 self.args.max_overhead
             );
-            for (call, ns) in [("alloc", cost.alloc_ns), ("free", cost.free_ns)] {
+            for (call, ns) in [
+                ("alloc", cost.alloc_ns),
+                ("free", cost.free_ns),
+                ("alloc_per_frame", cost.alloc_frame_ns),
+            ] {
                 self.metrics
                     .probe_cost_seconds
                     .with_label_values(&[call])
@@ -809,6 +815,15 @@ impl Agent {
             entry.0 += totals.allocations;
             entry.1 += totals.outstanding_count;
         }
+        // Each process's mean stack depth, weighted by the allocations of each stack: the
+        // probe walks every frame (Python frames too), and deep stacks cost more.
+        let mut depths: HashMap<u32, (f64, f64)> = HashMap::new();
+        for stack in &snapshot.stacks {
+            let weight = stack.usage.allocated_count as f64;
+            let entry = depths.entry(stack.key.tgid).or_default();
+            entry.0 += weight * (stack.frames.len() + stack.python.len()) as f64;
+            entry.1 += weight;
+        }
         let mut worst: HashMap<u64, f64> = HashMap::new();
         let mut over = Vec::new();
         for (&pid, traced) in &self.processes {
@@ -816,10 +831,15 @@ impl Agent {
             let Some(cpu_ns) = budget::cpu_ns(pid) else {
                 continue; // Gone: the next discovery lets it go.
             };
+            let stack_depth = depths
+                .get(&pid)
+                .filter(|(_, weight)| *weight > 0.0)
+                .map_or(0.0, |(sum, weight)| sum / weight);
             let usage = budget::Usage {
                 allocations,
                 outstanding,
                 cpu_ns,
+                stack_depth,
             };
             let ratio = match budget.judge(pid, usage) {
                 Verdict::Pending => continue,

@@ -20,6 +20,8 @@ pub struct Usage {
     pub outstanding: i64,
     /// CPU time used so far (user + system), in ns.
     pub cpu_ns: f64,
+    /// Mean depth of its allocations' stacks (frames the probe walks).
+    pub stack_depth: f64,
 }
 
 /// The outcome of one judgement.
@@ -61,7 +63,7 @@ impl Budget {
         let allocations = now.allocations.saturating_sub(since.allocations);
         // Every allocation not still live was freed.
         let frees = (allocations as i64 - (now.outstanding - since.outstanding)).max(0) as u64;
-        let cost = self.cost.cost_ns(allocations, frees);
+        let cost = self.cost.cost_ns(allocations, frees, now.stack_depth);
         // The probes' time is part of the CPU time the kernel counted: the ratio is the
         // share of the process's CPU spent in them (an estimate: capped at all of it).
         let ratio = (cost / cpu).min(1.0);
@@ -96,6 +98,7 @@ mod tests {
     const COST: TrapCost = TrapCost {
         alloc_ns: 2000.0,
         free_ns: 1000.0,
+        alloc_frame_ns: 0.0,
     };
 
     fn usage(allocations: u64, outstanding: i64, cpu_s: f64) -> Usage {
@@ -103,6 +106,7 @@ mod tests {
             allocations,
             outstanding,
             cpu_ns: cpu_s * 1e9,
+            stack_depth: 0.0,
         }
     }
 
@@ -119,6 +123,25 @@ mod tests {
         // 10 leaks in 1 s: 20 µs of probes.
         match budget.judge(2, usage(10, 10, 1.0)) {
             Verdict::Within(ratio) => assert!(ratio < 0.001, "{ratio}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn deep_stacks_cost_more() {
+        let cost = TrapCost {
+            alloc_frame_ns: 100.0,
+            ..COST
+        };
+        let mut budget = Budget::new(100.0, cost);
+        budget.judge(1, usage(0, 0, 0.0));
+        // 10k leaks in 1 s of CPU, 30 frames deep: 10k x (2 µs + 3 µs).
+        let deep = Usage {
+            stack_depth: 30.0,
+            ..usage(10_000, 10_000, 1.0)
+        };
+        match budget.judge(1, deep) {
+            Verdict::Within(ratio) => assert!((ratio - 0.05).abs() < 1e-9, "{ratio}"),
             other => panic!("{other:?}"),
         }
     }

@@ -143,12 +143,16 @@ impl TopRun {
     }
 
     /// Waits until memtrace says it traces (`memtrace: attached` for the exact tier,
-    /// `memtrace: counting` for the growth tier).
+    /// `memtrace: counting` for the growth tier, `probes on the interpreter` for CPython
+    /// without libc probes).
     pub(crate) fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let log = self.stderr();
-            if log.contains("memtrace: attached") || log.contains("memtrace: counting") {
+            if log.contains("memtrace: attached")
+                || log.contains("memtrace: counting")
+                || log.contains("probes on the interpreter")
+            {
                 return Ok(());
             }
             if let Some(status) = self.child().try_wait()? {
