@@ -14,8 +14,7 @@ use serde::Serialize;
 use memtrace_common::UsageKey;
 
 use crate::{
-    budget::{self, Budget, Verdict},
-    calibrate::{self, TrapCost},
+    budget::Enforcer,
     cgroup::{self, Hierarchy, Patterns},
     cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
@@ -168,15 +167,8 @@ pub struct Agent {
     last_lifecycle_drops: u64,
     wake_tx: mpsc::Sender<Wake>,
     wake_rx: mpsc::Receiver<Wake>,
-    /// The probes' calibrated cost, while it is being measured.
-    calibration: Option<mpsc::Receiver<Result<calibrate::Calibration>>>,
-    /// The CPU budget, once calibrated (never with `--max-overhead 0`).
-    budget: Option<Budget>,
-    /// Processes detached for their budget, and when they may be traced again.
-    over_budget: HashMap<u32, Instant>,
-    /// Containers with a published `memtrace_overhead_ratio`, removed once no process of
-    /// theirs has probes (a stale ratio would alert forever).
-    overhead_published: HashMap<u64, ContainerLabels>,
+    /// The CPU budget of the traced processes.
+    budget: Enforcer,
     /// The always-on tier (`None` when the kernel cannot run it).
     watch: Option<Watch>,
     escalation: Escalation,
@@ -224,30 +216,7 @@ impl Agent {
                 None
             }
         };
-        // Calibrated in the background (attaching and detaching takes seconds); the
-        // budget judges nobody until the figures are in.
-        let sample_bytes = args.sample_bytes;
-        let calibration = (args.max_overhead > 0.0).then(|| {
-            let (send, receive) = mpsc::channel();
-            std::thread::Builder::new()
-                .name("memtrace-calibrate".into())
-                .spawn(move || {
-                    let _ = send.send(calibrate::measure(sample_bytes));
-                })
-                .map(|_| receive)
-        });
-        let calibration = match calibration {
-            Some(Ok(receive)) => Some(receive),
-            Some(Err(e)) => {
-                log::warn!(
-                    "cannot start calibrating ({e}); the CPU budget assumes the fallback cost"
-                );
-                let (send, receive) = mpsc::channel();
-                let _ = send.send(Err(anyhow::anyhow!("not calibrated")));
-                Some(receive)
-            }
-            None => None,
-        };
+        let budget = Enforcer::start(args.max_overhead, args.sample_bytes, args.budget_retry);
         // With escalation the exact tier sees a container for --escalate-for at a time:
         // its stacks are judged over that much, or they could never cover the window.
         let exact_window = match args.probes {
@@ -304,10 +273,7 @@ impl Agent {
             last_lifecycle_drops: 0,
             wake_tx,
             wake_rx,
-            calibration,
-            budget: None,
-            over_budget: HashMap::new(),
-            overhead_published: HashMap::new(),
+            budget,
             watch,
             escalating,
             frozen: HashSet::new(),
@@ -648,12 +614,9 @@ impl Agent {
             })
             .collect();
         let now = Instant::now();
-        self.over_budget
-            .retain(|pid, until| now < *until && wanted.contains_key(pid));
+        self.budget.expire(now, |pid| wanted.contains_key(&pid));
         for &pid in &gone {
-            if let Some(budget) = &mut self.budget {
-                budget.forget(pid);
-            }
+            self.budget.forget(pid);
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
             log::info!("pid {pid}: detached");
@@ -670,7 +633,7 @@ impl Agent {
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         for (pid, path) in wanted {
             if self.processes.contains_key(&pid)
-                || self.over_budget.contains_key(&pid)
+                || self.budget.is_detached(pid)
                 || self.failures.get(&pid).is_some_and(|f| now < f.retry_at)
             {
                 continue;
@@ -775,127 +738,25 @@ impl Agent {
 
     /// Judges every traced process against the CPU budget; detaches those over it.
     fn enforce_budget(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
-        if let Some(receive) = &self.calibration
-            && let Ok(measured) = receive.try_recv()
-        {
-            self.calibration = None;
-            let cost = measured.map(|c| c.cost).unwrap_or_else(|e| {
-                log::warn!(
-                    "calibrating the probes' cost failed ({e:#}); the CPU budget assumes {:?}",
-                    TrapCost::FALLBACK
-                );
-                TrapCost::FALLBACK
-            });
-            log::info!(
-                "probe cost per call: malloc {:.2} µs (+{:.3} µs per stack frame), free {:.2} µs; \
-                 budget {}% of a process's CPU",
-                cost.alloc_ns / 1000.0,
-                cost.alloc_frame_ns / 1000.0,
-                cost.free_ns / 1000.0,
-                self.args.max_overhead
-            );
-            for (call, ns) in [
-                ("alloc", cost.alloc_ns),
-                ("free", cost.free_ns),
-                ("alloc_per_frame", cost.alloc_frame_ns),
-            ] {
-                self.metrics
-                    .probe_cost_seconds
-                    .with_label_values(&[call])
-                    .set(ns / 1e9);
-            }
-            self.budget = Some(Budget::new(self.args.max_overhead, cost));
-        }
-        let Some(budget) = &mut self.budget else {
-            return;
-        };
-        let mut by_process: HashMap<u32, (u64, i64)> = HashMap::new();
-        for (key, totals) in &snapshot.totals {
-            let entry = by_process.entry(key.tgid).or_default();
-            entry.0 += totals.allocations;
-            entry.1 += totals.outstanding_count;
-        }
-        // Each process's mean stack depth, weighted by the allocations of each stack: the
-        // probe walks every frame (Python frames too), and deep stacks cost more.
-        let mut depths: HashMap<u32, (f64, f64)> = HashMap::new();
-        for stack in &snapshot.stacks {
-            let weight = stack.usage.allocated_count as f64;
-            let entry = depths.entry(stack.key.tgid).or_default();
-            entry.0 += weight * (stack.frames.len() + stack.python.len()) as f64;
-            entry.1 += weight;
-        }
-        let mut worst: HashMap<u64, f64> = HashMap::new();
-        let mut over = Vec::new();
-        for (&pid, traced) in &self.processes {
-            let (allocations, outstanding) = by_process.get(&pid).copied().unwrap_or_default();
-            let Some(cpu_ns) = budget::cpu_ns(pid) else {
-                continue; // Gone: the next discovery lets it go.
-            };
-            let stack_depth = depths
-                .get(&pid)
-                .filter(|(_, weight)| *weight > 0.0)
-                .map_or(0.0, |(sum, weight)| sum / weight);
-            let usage = budget::Usage {
-                allocations,
-                outstanding,
-                cpu_ns,
-                stack_depth,
-            };
-            let ratio = match budget.judge(pid, usage) {
-                Verdict::Pending => continue,
-                Verdict::Within(ratio) => ratio,
-                Verdict::Over(ratio) => {
-                    over.push((pid, traced.cgroup_id, ratio));
-                    ratio
-                }
-            };
-            let worst = worst.entry(traced.cgroup_id).or_default();
-            *worst = worst.max(ratio);
-        }
-        for (cgroup_id, ratio) in worst {
-            let labels = labels_of(labels, cgroup_id);
-            self.metrics
-                .overhead_ratio
-                .with_label_values(&labels.values())
-                .set(ratio);
-            self.overhead_published.insert(cgroup_id, labels);
-        }
-        let retry_at = Instant::now() + self.args.budget_retry;
-        for (pid, cgroup_id, ratio) in over {
-            let labels = labels_of(labels, cgroup_id);
-            log::warn!(
-                "pid {pid} ({}): the probes cost ~{:.1}% of its CPU, over the budget of {}%: \
-                 detached for {:?}",
-                labels.container,
-                ratio * 100.0,
-                self.args.max_overhead,
-                self.args.budget_retry
-            );
-            self.metrics
-                .budget_detaches
-                .with_label_values(&labels.values())
-                .inc();
-            budget.forget(pid);
+        let traced: Vec<(u32, u64)> = self
+            .processes
+            .iter()
+            .map(|(pid, p)| (*pid, p.cgroup_id))
+            .collect();
+        let over = self.budget.judge(snapshot, &traced, labels, &self.metrics);
+        for pid in over {
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
-            self.over_budget.insert(pid, retry_at);
-            self.metrics
-                .traced_processes
-                .set(self.processes.len() as i64);
         }
+        self.metrics
+            .traced_processes
+            .set(self.processes.len() as i64);
         let probed: HashSet<u64> = self.processes.values().map(|p| p.cgroup_id).collect();
-        let metrics = &self.metrics;
-        self.overhead_published.retain(|cgroup_id, labels| {
-            let keep = probed.contains(cgroup_id);
-            if !keep {
-                let _ = metrics.overhead_ratio.remove_label_values(&labels.values());
-            }
-            keep
-        });
+        self.budget.retire_ratios(&probed, &self.metrics);
     }
 
     /// Labels per cgroup id, from the traced processes in each (read once per interval):
@@ -1241,7 +1102,7 @@ impl Agent {
 
 /// The labels of a cgroup id, or a placeholder naming the id when no traced process is
 /// in it any more (a process that moved cgroups).
-fn labels_of(labels: &HashMap<u64, ContainerLabels>, cgroup_id: u64) -> ContainerLabels {
+pub(crate) fn labels_of(labels: &HashMap<u64, ContainerLabels>, cgroup_id: u64) -> ContainerLabels {
     labels
         .get(&cgroup_id)
         .cloned()
