@@ -683,7 +683,7 @@ impl Agent {
 
     fn attach(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
         let attached_ns = (monotonic_ms() * 1e6) as u64;
-        let libc = process::libc_of_running(pid)?;
+        let libc = process::allocator_of_running(pid)?;
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();

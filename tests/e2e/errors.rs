@@ -64,10 +64,10 @@ fn error_no_such_pid() {
 }
 
 #[test]
-fn error_statically_linked() {
+fn error_no_allocator() {
     let _serial = serial();
     require_root();
-    let target = static_fixture();
+    let target = nolibc_fixture();
     let finished = run_memtrace([
         "top".as_ref(),
         "--format".as_ref(),
@@ -75,7 +75,7 @@ fn error_statically_linked() {
         "--".as_ref(),
         target.as_os_str(),
     ]);
-    assert_error(&finished, "statically linked");
+    assert_error(&finished, "no allocator of its own");
 }
 
 #[test]
