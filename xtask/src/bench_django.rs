@@ -8,9 +8,11 @@
 //! to round, and each traced mode's cost is taken against the untraced measurement of its
 //! round. The CPU is the server's own (its threads' run time, which includes the time the
 //! kernel spends on its traps), so the client's work and the machine's other jobs weigh
-//! less than in wall time. A bound computed from what memtrace counted (events per request
-//! x the per-call cost `memtrace calibrate` measures) stands beside each measured cost:
-//! on this shared machine, a cost below a few percent is under the noise of measurement.
+//! less than in wall time. An estimate from what memtrace counted (events per request x
+//! the per-call cost `memtrace calibrate` measures) stands beside each measured cost: on
+//! this shared machine, a cost below a few percent is under the noise of measurement, and
+//! where the cost is large enough to measure, the estimate shows how far it falls short
+//! (deep Python stacks, two traps per call with a return probe).
 use std::{
     fmt::Write as _,
     io::{Read, Write},
@@ -230,10 +232,10 @@ fn events_per_request(seen: &[(Mode, Seen)], mode: Mode) -> f64 {
     Spread::of(&values).mean
 }
 
-/// The cost the counted probe hits bound: hits per request x the calibrated cost of one,
+/// The cost the counted probe hits come to: hits per request x the calibrated cost of one,
 /// against the untraced CPU per request. (Page faults of the always-on tier cost less than
-/// a probed call: ~0.6 µs each, see the page-touching benchmark; the bound uses the larger.)
-fn bound(
+/// a probed call: ~0.6 µs each, see the page-touching benchmark; this uses the larger.)
+fn estimate(
     timings: &[(Mode, usize, Timing)],
     seen: &[(Mode, Seen)],
     mode: Mode,
@@ -251,7 +253,7 @@ fn table(
     let mut table = String::new();
     writeln!(
         table,
-        "| mode | requests/s (wall) | server CPU µs per request | CPU cost vs untraced (same round) | memtrace counted per request | cost bound from the count |"
+        "| mode | requests/s (wall) | server CPU µs per request | CPU cost vs untraced (same round) | memtrace counted per request | cost estimated from the count |"
     )?;
     writeln!(table, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
     for mode in MODES {
@@ -271,7 +273,10 @@ fn table(
                         plus_minus(Spread::of(&paired_costs(timings, mode)), 100.0, 1)
                     ),
                     format!("{:.3} {unit}", events_per_request(seen, mode)),
-                    format!("{:.3} %", bound(timings, seen, mode, per_call_us) * 100.0),
+                    format!(
+                        "{:.3} %",
+                        estimate(timings, seen, mode, per_call_us) * 100.0
+                    ),
                 )
             }
         };
@@ -288,22 +293,29 @@ fn table(
 
 fn summary(timings: &[(Mode, usize, Timing)], seen: &[(Mode, Seen)], per_call_us: f64) -> String {
     let measured = Spread::of(&paired_costs(timings, Mode::Growth));
-    let bounded = bound(timings, seen, Mode::Growth, per_call_us);
-    let verdict = if bounded < GROWTH_GOAL {
-        "within the goal by the count"
+    let estimated = estimate(timings, seen, Mode::Growth, per_call_us);
+    // Where a cost is large enough to measure, how much more it came to than its estimate.
+    let escalated_shortfall = Spread::of(&paired_costs(timings, Mode::Escalated)).mean
+        / estimate(timings, seen, Mode::Escalated, per_call_us);
+    let verdict = if estimated * escalated_shortfall.max(1.0) < GROWTH_GOAL {
+        "within the goal"
     } else {
-        "over the goal by the count"
+        "not shown to be within the goal"
     };
     format!(
         "Python growth mode (pool refills, no libc probe): measured {:.1} ± {:.1} % of the \
          server's CPU per request (~95% interval ± {:.1} %); from what memtrace counted, \
          {:.3} refills per request x {per_call_us:.2} µs per probed call (`memtrace \
-         calibrate`) = {:.3} % (goal < {:.0} %): {verdict}.\n",
+         calibrate`) = {:.3} %; the escalated mode's measured cost came to {:.1}x its \
+         estimate, and growth mode's estimate times that is {:.3} % (goal < {:.0} %): \
+         {verdict}.\n",
         measured.mean * 100.0,
         measured.sd * 100.0,
         measured.half_interval() * 100.0,
         events_per_request(seen, Mode::Growth),
-        bounded * 100.0,
+        estimated * 100.0,
+        escalated_shortfall,
+        estimated * escalated_shortfall.max(1.0) * 100.0,
         GROWTH_GOAL * 100.0,
     )
 }
@@ -481,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn costs_are_paired_by_round_and_bounded_by_the_count() {
+    fn costs_are_paired_by_round_and_estimated_from_the_count() {
         let timing = |cpu_s| Timing {
             requests: 1000,
             wall_s: 1.0,
@@ -502,6 +514,6 @@ mod tests {
                 events_per_request: 0.01,
             },
         )];
-        assert!((bound(&timings, &seen, Mode::Growth, 3.0) - 0.00002).abs() < 1e-12);
+        assert!((estimate(&timings, &seen, Mode::Growth, 3.0) - 0.00002).abs() < 1e-12);
     }
 }
