@@ -719,14 +719,19 @@ impl Agent {
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
         // Probes shared per interpreter file, like libc's, except in exact mode: untraced
         // processes mapping the same file would then trap on every object they allocate.
+        // An escalated container's processes get exact mode where it works (live objects).
         let shared = self.args.python != PythonMode::Exact;
-        PythonTarget::running(
-            &mut self.tracer,
-            &mut resolver,
-            pid,
-            self.args.python,
-            shared,
-        );
+        if self.escalating {
+            PythonTarget::escalated(&mut self.tracer, &mut resolver, pid, self.args.python);
+        } else {
+            PythonTarget::running(
+                &mut self.tracer,
+                &mut resolver,
+                pid,
+                self.args.python,
+                shared,
+            );
+        }
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)

@@ -261,12 +261,7 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         Some(&["agent".to_owned()][..]),
         "{what}: args"
     );
-    let env: BTreeMap<&str, &k8s_openapi::api::core::v1::EnvVar> = c
-        .env
-        .iter()
-        .flatten()
-        .map(|e| (e.name.as_str(), e))
-        .collect();
+    let env = agent_env(ds);
     let node_name = env
         .get("NODE_NAME")
         .unwrap_or_else(|| panic!("{what}: no NODE_NAME"));
@@ -284,10 +279,8 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         !env.contains_key("MEMTRACE_CGROUP"),
         "{what}: MEMTRACE_CGROUP bypasses the pod policy"
     );
-    let default = env
-        .get("MEMTRACE_TRACE_DEFAULT")
-        .and_then(|e| e.value.as_deref())
-        .unwrap_or_else(|| panic!("{what}: no MEMTRACE_TRACE_DEFAULT"));
+    let value = |name: &str| env_value(&env, name, &what);
+    let default = value("MEMTRACE_TRACE_DEFAULT");
     assert!(
         ["all", "opt-in"].contains(&default),
         "{what}: MEMTRACE_TRACE_DEFAULT {default:?}"
@@ -303,11 +296,6 @@ fn check_daemonset(dir: &str, r: &Rendered) {
     }
     // The tiers and the budget are set explicitly: the always-on tier everywhere, probes
     // only where memory grows, and a CPU budget on.
-    let value = |name: &str| {
-        env.get(name)
-            .and_then(|e| e.value.as_deref())
-            .unwrap_or_else(|| panic!("{what}: no {name}"))
-    };
     assert_eq!(
         value("MEMTRACE_PROBES"),
         "escalate",

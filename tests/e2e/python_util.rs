@@ -56,6 +56,19 @@ pub fn python_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Starts `python fixture args...` inside `cgroup` and waits for its `ready` line.
+pub fn start_python_in_cgroup(
+    cgroup: &crate::agent_util::Cgroup,
+    python: &Path,
+    fixture: &Path,
+    args: &[&str],
+) -> Proc {
+    let name = fixture.file_name().unwrap_or_default().to_string_lossy();
+    let mut argv = vec![fixture.as_os_str()];
+    argv.extend(args.iter().map(std::ffi::OsStr::new));
+    crate::agent_util::start_program_in_cgroup(cgroup, &format!("{name} {args:?}"), python, &argv)
+}
+
 /// The line of `fixture` carrying the comment `# MARKER`.
 pub fn marked_line(fixture: &Path, marker: &str) -> u64 {
     let text = std::fs::read_to_string(fixture).unwrap();
