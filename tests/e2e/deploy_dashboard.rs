@@ -58,12 +58,10 @@ const DAEMONSET_SETTINGS: &[(&str, Option<&str>)] = &[
 
 /// Metrics the dashboard uses that this test cannot produce, and why. A query that names
 /// one of them may return nothing; every entry must be used by some query.
-const NEEDS_ABSENT: &[(&str, &str)] = &[
-    (
-        "django_http_requests_total_by_method_total",
-        "the request-rate metric (django-prometheus), from the application",
-    ),
-];
+const NEEDS_ABSENT: &[(&str, &str)] = &[(
+    "django_http_requests_total_by_method_total",
+    "the request-rate metric (django-prometheus), from the application",
+)];
 
 /// Values for the dashboard's variables (Grafana's built-ins included).
 fn substitute(expr: &str, vars: &[(&str, String)]) -> String {

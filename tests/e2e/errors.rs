@@ -67,14 +67,7 @@ fn error_no_such_pid() {
 fn error_statically_linked() {
     let _serial = serial();
     require_root();
-    let target = static_fixture();
-    let finished = run_memtrace([
-        "top".as_ref(),
-        "--format".as_ref(),
-        "json".as_ref(),
-        "--".as_ref(),
-        target.as_os_str(),
-    ]);
+    let finished = run_top(&[], &static_fixture(), &[]);
     assert_error(&finished, "statically linked");
 }
 

@@ -1,6 +1,6 @@
 //! The agent on a CPython process: Python frames in its flame graph, garbage-collector
 //! counts and durations, and live objects (exact mode) on /metrics.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::{agent_util::*, python_util::*, util::*};
 
@@ -11,30 +11,14 @@ fn python_agent_metrics() {
     let python = pyenv_python("3.12");
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let start = dir.path().join("start");
     let iterations = 10_000;
-    let mut cmd = Command::new(&python);
-    cmd.arg(&fixture)
-        .arg(iterations.to_string())
-        .arg("--start-file")
-        .arg(&start);
-    let target = Proc::spawn("python_leak.py", cmd);
-    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+    let target = PythonFixture::start(&python, &fixture, &[&iterations.to_string()]);
     let pid = target.pid().to_string();
     let agent = Agent::start(&["--pid", &pid, "--interval", "500ms", "--python", "exact"]);
     agent.wait_traced(1, WAIT_TIMEOUT);
-    agent
-        .proc
-        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
-            l.contains("CPython")
-        });
-    std::fs::write(&start, b"go").unwrap();
-    target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
-        l.starts_with("done")
-    });
+    wait_cpython_line(&agent.proc);
+    target.go();
+    target.wait_done();
 
     let container = agent.wait_for("Python GC and live objects", WAIT_TIMEOUT, |s| {
         let collections: f64 = s
@@ -109,34 +93,16 @@ fn python_agent_shares_interpreter_probes() {
     let python = pyenv_python("3.12");
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let start = dir.path().join("start");
-    let mut targets: Vec<Proc> = (0..2)
-        .map(|i| {
-            let mut cmd = Command::new(&python);
-            cmd.arg(&fixture)
-                .arg("20000")
-                .arg("--start-file")
-                .arg(&start);
-            let target = Proc::spawn(format!("python_leak.py #{i}"), cmd);
-            target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
-                l.starts_with("ready")
-            });
-            target
-        })
+    let mut targets: Vec<PythonFixture> = (0..2)
+        .map(|_| PythonFixture::start(&python, &fixture, &["20000"]))
         .collect();
     let pids = format!("{},{}", targets[0].pid(), targets[1].pid());
     let agent = Agent::start(&["--pid", &pids, "--interval", "500ms", "--python", "growth"]);
     agent.wait_traced(2, WAIT_TIMEOUT);
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        lines.push(agent.proc.wait_for_line(
-            Stream::Stderr,
-            "two CPython lines",
-            WAIT_TIMEOUT,
-            |l| l.contains("CPython"),
-        ));
-    }
+    let lines = [
+        wait_cpython_line(&agent.proc),
+        wait_cpython_line(&agent.proc),
+    ];
     assert_eq!(
         lines
             .iter()
@@ -153,11 +119,11 @@ fn python_agent_shares_interpreter_probes() {
         1,
         "{lines:?}"
     );
-    std::fs::write(&start, b"go").unwrap();
     for target in &targets {
-        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
-            l.starts_with("done")
-        });
+        target.go();
+    }
+    for target in &targets {
+        target.wait_done();
     }
     let site = format!("leak (python_leak.py:{leak_line})");
     agent.wait_for("the leak's Python site", WAIT_TIMEOUT, |s| {

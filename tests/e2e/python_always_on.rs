@@ -2,7 +2,7 @@
 //! the pages its leak populates are attributed to the Python line that leaks (its Python
 //! frames are read in BPF at each page fault's stack walk).
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::agent_util::*;
 use crate::python_util::*;
@@ -20,21 +20,7 @@ fn python_always_on_growth_names_the_leaking_line() {
 
     let mut cgroups = TestCgroups::new("pyalways");
     let cg = cgroups.create("py");
-    let start = tempfile::NamedTempFile::new().expect("a temporary file");
-    let start_path = start.path().with_extension("go");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"echo $$ > "$0" && exec "$@""#)
-        .arg(cg.dir.join("cgroup.procs"))
-        .arg(&python)
-        .arg(&fixture)
-        .arg("300000")
-        .arg("--start-file")
-        .arg(&start_path);
-    let proc = Proc::spawn(format!("python_leak.py in {}", cg.label), cmd);
-    proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+    let target = PythonFixture::start_in(&cg, &python, &fixture, &["300000"]);
 
     // Escalation off by a window longer than the test: only the always-on tier runs.
     let agent = Agent::start(&[
@@ -55,10 +41,8 @@ fn python_always_on_growth_names_the_leaking_line() {
         s.value("memtrace_anon_memory_bytes", &container)
             .map(|_| ())
     });
-    std::fs::write(&start_path, b"go").expect("writing the start file");
-    proc.wait_for_line(Stream::Stdout, "`done` line", WITHIN, |l| {
-        l.starts_with("done")
-    });
+    target.go();
+    target.wait_done();
 
     let deadline = std::time::Instant::now() + WITHIN;
     let growth = loop {
@@ -100,5 +84,4 @@ fn python_always_on_growth_names_the_leaking_line() {
         "no uprobe at all\n{}",
         scrape.memtrace_lines()
     );
-    let _ = std::fs::remove_file(&start_path);
 }

@@ -567,7 +567,10 @@ mod tests {
     fn escalation_brings_exact_mode_where_it_works() {
         assert_eq!(escalated_mode(PythonMode::Growth, true), PythonMode::Exact);
         // LTO builds or missing symbols: growth's pool refills are all there is.
-        assert_eq!(escalated_mode(PythonMode::Growth, false), PythonMode::Growth);
+        assert_eq!(
+            escalated_mode(PythonMode::Growth, false),
+            PythonMode::Growth
+        );
         // An explicit choice below growth, or exact itself, stays.
         for mode in [PythonMode::Off, PythonMode::Frames, PythonMode::Exact] {
             assert_eq!(escalated_mode(mode, true), mode);
