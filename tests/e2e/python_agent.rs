@@ -136,3 +136,71 @@ fn python_agent_shares_interpreter_probes() {
         (s.value("memtrace_attached_probes", &[]) == Some(0.0)).then_some(())
     });
 }
+
+/// `--probes escalate` with the default `--python growth`: an escalated container's CPython
+/// processes get exact mode's probes where the interpreter allows it (pyenv's 3.12: live
+/// objects are counted), and keep growth mode's on an LTO build (Debian's python3.11, whose
+/// inlined fast path exact mode would miss).
+#[test]
+fn python_agent_escalation_brings_exact_mode() {
+    let _serial = serial();
+    require_root();
+    let debian = std::path::Path::new("/usr/bin/python3.11");
+    assert!(
+        debian.is_file(),
+        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
+    );
+    let mut cgroups = TestCgroups::new("pyescalate");
+    let cg = cgroups.create("app");
+    // The container's memory grows (~3 MiB/s of new pages): it gets escalated.
+    let _grower = start_in_cgroup(&cg, "pages", &["100000", "20"]);
+    let service = python_fixture("python_service.py");
+    let pyenv = start_python_in_cgroup(&cg, &pyenv_python("3.12"), &service, &["10000", "20"]);
+    let lto = start_python_in_cgroup(&cg, debian, &service, &["10000", "20"]);
+    let agent = Agent::start(&[
+        "--cgroup",
+        &format!("{}/*", cgroups.root_pattern()),
+        "--interval",
+        "500ms",
+        "--window",
+        "10s",
+        "--probes",
+        "escalate",
+        "--escalate-for",
+        "10m",
+        // No budget: the probes stay on for what is checked here.
+        "--max-overhead",
+        "0",
+    ]);
+    let lines = [
+        wait_cpython_line(&agent.proc),
+        wait_cpython_line(&agent.proc),
+    ];
+    let line_of = |pid: i32| {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!("in pid {pid}:")))
+            .unwrap_or_else(|| panic!("no CPython line for pid {pid}: {lines:?}"))
+    };
+    let exact = line_of(pyenv.pid());
+    assert!(
+        exact.contains("_PyObject_Malloc") && !exact.contains("allocate_from_new_pool"),
+        "pyenv's 3.12 did not get exact mode's probes: {exact}"
+    );
+    let growth = line_of(lto.pid());
+    assert!(
+        growth.contains("allocate_from_new_pool") && !growth.contains("_PyObject_Malloc"),
+        "Debian's LTO python3.11 did not keep growth mode's probes: {growth}"
+    );
+    let container = [("container", cg.label.as_str())];
+    agent.wait_for(
+        "live objects of the escalated container",
+        WAIT_TIMEOUT,
+        |s| {
+            (s.value("memtrace_escalated", &container) == Some(1.0)
+                && s.value("memtrace_python_live_objects", &container)
+                    .is_some_and(|n| n > 0.0))
+            .then_some(())
+        },
+    );
+}

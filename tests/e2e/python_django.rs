@@ -12,6 +12,16 @@ fn runs(stack: &StackEntry, function: &str) -> bool {
         .any(|f| f.function.as_deref() == Some(function))
 }
 
+/// Outstanding bytes of every stack that runs `function`.
+fn outstanding_running(report: &Report, function: &str) -> u64 {
+    report
+        .stacks
+        .iter()
+        .filter(|s| runs(s, function))
+        .map(|s| s.outstanding_bytes)
+        .sum()
+}
+
 #[test]
 fn python_django_leaking_view() {
     let _serial = serial();
@@ -40,12 +50,7 @@ fn python_django_leaking_view() {
             .any(|f| f.file.as_deref().is_some_and(|p| p.contains("/django/"))),
         "no Django frame under the view\n{stacks}"
     );
-    let fine: u64 = report
-        .stacks
-        .iter()
-        .filter(|s| runs(s, "fine_view"))
-        .map(|s| s.outstanding_bytes)
-        .sum();
+    let fine = outstanding_running(&report, "fine_view");
     assert!(
         fine < 16 * KIB && fine * 20 < top.outstanding_bytes,
         "fine_view holds {fine} bytes\n{stacks}"
@@ -76,12 +81,7 @@ fn python_worker_leaking_task() {
         runs(top, "run_task") && runs(top, "work"),
         "the worker's loop is not under the task\n{stacks}"
     );
-    let resize: u64 = report
-        .stacks
-        .iter()
-        .filter(|s| runs(s, "resize_image"))
-        .map(|s| s.outstanding_bytes)
-        .sum();
+    let resize = outstanding_running(report, "resize_image");
     assert!(
         resize * 10 < top.outstanding_bytes,
         "resize_image, which keeps nothing, holds {resize} bytes\n{stacks}"
