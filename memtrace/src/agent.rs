@@ -644,6 +644,9 @@ impl Agent {
             if let Err(e) = self.tracer.forget_all(&gone) {
                 log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
             }
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&gone, &mut self.tracer);
+            }
             self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
             for pid in &gone {
                 self.python_metrics.forget(*pid);
@@ -838,6 +841,9 @@ impl Agent {
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
+            }
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&HashSet::from([pid]), &mut self.tracer);
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
             self.over_budget.insert(pid, retry_at);
