@@ -625,6 +625,9 @@ impl Agent {
             if let Err(e) = self.tracer.forget_all(&gone) {
                 log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
             }
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&gone, &mut self.tracer);
+            }
             self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
             for pid in &gone {
                 self.python_metrics.forget(*pid);
@@ -709,14 +712,19 @@ impl Agent {
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
         // Probes shared per interpreter file, like libc's, except in exact mode: untraced
         // processes mapping the same file would then trap on every object they allocate.
-        let shared = self.args.python != PythonMode::Exact && !self.escalating;
-        PythonTarget::running(
-            &mut self.tracer,
-            &mut resolver,
-            pid,
-            self.args.python,
-            shared,
-        );
+        // An escalated container's processes get exact mode where it works (live objects).
+        let shared = self.args.python != PythonMode::Exact;
+        if self.escalating {
+            PythonTarget::escalated(&mut self.tracer, &mut resolver, pid, self.args.python);
+        } else {
+            PythonTarget::running(
+                &mut self.tracer,
+                &mut resolver,
+                pid,
+                self.args.python,
+                shared,
+            );
+        }
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)
@@ -749,6 +757,9 @@ impl Agent {
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
+            }
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&HashSet::from([pid]), &mut self.tracer);
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
         }

@@ -67,14 +67,7 @@ fn error_no_such_pid() {
 fn error_no_allocator() {
     let _serial = serial();
     require_root();
-    let target = nolibc_fixture();
-    let finished = run_memtrace([
-        "top".as_ref(),
-        "--format".as_ref(),
-        "json".as_ref(),
-        "--".as_ref(),
-        target.as_os_str(),
-    ]);
+    let finished = run_top(&[], &nolibc_fixture(), &[]);
     assert_error(&finished, "no allocator of its own");
 }
 

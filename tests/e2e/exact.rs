@@ -59,13 +59,7 @@ fn exact_per_function_static() {
     require_root();
     let slack = slack_bytes();
     let program = static_build("exact");
-    let finished = run_memtrace([
-        "top".as_ref(),
-        "--format".as_ref(),
-        "json".as_ref(),
-        "--".as_ref(),
-        program.as_os_str(),
-    ]);
+    let finished = run_top(&[], &program, &[]);
     assert!(finished.status.success(), "{}", finished.describe());
     assert!(
         finished

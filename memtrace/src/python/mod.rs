@@ -40,6 +40,14 @@ pub enum PythonMode {
     Exact,
 }
 
+/// [`PythonFile::escalated_mode`], given whether exact mode works on the interpreter.
+fn escalated_mode(configured: PythonMode, exact_works: bool) -> PythonMode {
+    match configured {
+        PythonMode::Growth if exact_works => PythonMode::Exact,
+        mode => mode,
+    }
+}
+
 /// The name of the evaluation loop's native frame, which Python frames replace.
 pub const EVAL_FUNCTION: &str = "_PyEval_EvalFrameDefault";
 
@@ -295,6 +303,15 @@ impl PythonFile {
             .collect()
     }
 
+    /// The mode a process on this interpreter gets while the agent has its container
+    /// escalated, `--python` being `configured`: growth becomes exact, whose probes see
+    /// every object (live objects, exact bytes per Python line), unless this file lacks
+    /// exact mode's functions or is built with LTO (exact mode would miss most objects
+    /// there; growth mode's pool refills see them all).
+    pub fn escalated_mode(&self, configured: PythonMode) -> PythonMode {
+        escalated_mode(configured, self.supports(PythonMode::Exact) && !self.lto)
+    }
+
     /// Whether `mode` has everything it needs in this file.
     pub fn supports(&self, mode: PythonMode) -> bool {
         match mode {
@@ -540,4 +557,24 @@ pub fn find_for_program(program: &Path) -> Result<Option<PythonFile>> {
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escalation_brings_exact_mode_where_it_works() {
+        assert_eq!(escalated_mode(PythonMode::Growth, true), PythonMode::Exact);
+        // LTO builds or missing symbols: growth's pool refills are all there is.
+        assert_eq!(
+            escalated_mode(PythonMode::Growth, false),
+            PythonMode::Growth
+        );
+        // An explicit choice below growth, or exact itself, stays.
+        for mode in [PythonMode::Off, PythonMode::Frames, PythonMode::Exact] {
+            assert_eq!(escalated_mode(mode, true), mode);
+            assert_eq!(escalated_mode(mode, false), mode);
+        }
+    }
 }
