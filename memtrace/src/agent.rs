@@ -75,6 +75,10 @@ struct TracedProcess {
     labels: ContainerLabels,
     /// When it was attached (CLOCK_MONOTONIC ns): an exec before that is already seen.
     attached_ns: u64,
+    /// Whether it runs CPython (its interpreter is probed).
+    python: bool,
+    /// Traced by pymalloc's pool refills only, its allocator probes off for the budget.
+    light: bool,
 }
 
 /// What wakes the agent between intervals.
@@ -610,7 +614,13 @@ impl Agent {
                     .execs
                     .get(pid)
                     .is_some_and(|&at| at > self.processes[pid].attached_ns);
-                !wanted.contains_key(pid) || exec_since_attach || !process::exists(*pid)
+                // A process traced lightly for its budget gets every probe back (anew)
+                // once its time is up.
+                let budget_retry_due = self.processes[pid].light && !self.budget.is_detached(*pid);
+                !wanted.contains_key(pid)
+                    || exec_since_attach
+                    || budget_retry_due
+                    || !process::exists(*pid)
             })
             .collect();
         let now = Instant::now();
@@ -641,7 +651,7 @@ impl Agent {
             {
                 continue;
             }
-            match self.attach(pid, &path) {
+            match self.attach(pid, &path, false) {
                 Ok(traced) => {
                     self.failures.remove(&pid);
                     log::info!("tracing pid {pid} ({})", traced.labels.container);
@@ -684,7 +694,12 @@ impl Agent {
             .set(self.tracer.attached_probes() as i64);
     }
 
-    fn attach(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+    /// Attaches the probes to `pid`; `light`: only pymalloc's pool refills (a CPython
+    /// process whose allocator probes went over its budget).
+    fn attach(&mut self, pid: u32, cgroup_path: &str, light: bool) -> Result<TracedProcess> {
+        if light {
+            return self.attach_light(pid, cgroup_path);
+        }
         let attached_ns = (monotonic_ms() * 1e6) as u64;
         let libc = process::allocator_of_running(pid)?;
         // Read the map before the first allocation we count can be made and freed.
@@ -714,8 +729,8 @@ impl Agent {
         // processes mapping the same file would then trap on every object they allocate.
         // An escalated container's processes get exact mode where it works (live objects).
         let shared = self.args.python != PythonMode::Exact;
-        if self.escalating {
-            PythonTarget::escalated(&mut self.tracer, &mut resolver, pid, self.args.python);
+        let python = if self.escalating {
+            PythonTarget::escalated(&mut self.tracer, &mut resolver, pid, self.args.python)
         } else {
             PythonTarget::running(
                 &mut self.tracer,
@@ -723,8 +738,49 @@ impl Agent {
                 pid,
                 self.args.python,
                 shared,
-            );
+            )
+        };
+        self.traced_process(
+            pid,
+            cgroup_path,
+            resolver,
+            attached_ns,
+            python.is_some(),
+            false,
+        )
+    }
+
+    /// A CPython process traced by pymalloc's pool refills only (Python growth mode, its
+    /// own probes, none on libc): a trap per 16 KiB pool of new objects, where a
+    /// Django-like process's allocator probes cost tens of percent of its CPU.
+    fn attach_light(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+        let attached_ns = (monotonic_ms() * 1e6) as u64;
+        let mut resolver = Resolver::new(pid);
+        resolver.refresh_map();
+        self.tracer.trace_pid(pid)?;
+        if PythonTarget::running(
+            &mut self.tracer,
+            &mut resolver,
+            pid,
+            PythonMode::Growth,
+            false,
+        )
+        .is_none()
+        {
+            anyhow::bail!("pid {pid}: its interpreter's pool refills cannot be probed");
         }
+        self.traced_process(pid, cgroup_path, resolver, attached_ns, true, true)
+    }
+
+    fn traced_process(
+        &self,
+        pid: u32,
+        cgroup_path: &str,
+        resolver: Resolver,
+        attached_ns: u64,
+        python: bool,
+        light: bool,
+    ) -> Result<TracedProcess> {
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)
@@ -741,6 +797,8 @@ impl Agent {
             cgroup_path: cgroup_path.to_owned(),
             labels,
             attached_ns,
+            python,
+            light,
         })
     }
 
@@ -753,7 +811,9 @@ impl Agent {
             .collect();
         let over = self.budget.judge(snapshot, &traced, labels, &self.metrics);
         for pid in over {
-            self.processes.remove(&pid);
+            let Some(detached) = self.processes.remove(&pid) else {
+                continue;
+            };
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
@@ -762,6 +822,25 @@ impl Agent {
                 watch.restore_python(&HashSet::from([pid]), &mut self.tracer);
             }
             self.last_totals.retain(|(_, tgid), _| *tgid != pid);
+            // A CPython process keeps the cheapest probe that still names Python lines:
+            // pymalloc's pool refills (unless that is what went over).
+            let python_growth = matches!(self.args.python, PythonMode::Growth | PythonMode::Exact);
+            if detached.python && !detached.light && python_growth {
+                match self.attach(pid, &detached.cgroup_path, true) {
+                    Ok(light) => {
+                        log::info!(
+                            "pid {pid} ({}): CPython: traced by pymalloc's pool refills only \
+                             until its allocator probes come back",
+                            detached.labels.container
+                        );
+                        self.processes.insert(pid, light);
+                    }
+                    Err(e) => {
+                        self.tracer.untrace(pid);
+                        log::warn!("pid {pid}: {e:#}");
+                    }
+                }
+            }
         }
         self.metrics
             .traced_processes

@@ -45,6 +45,7 @@ mod pods_labels;
 mod pods_libc;
 mod python_agent;
 mod python_always_on;
+mod python_budget;
 mod python_django;
 mod python_frames;
 mod realloc;
