@@ -213,13 +213,20 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> std::io::Result<PathBuf> {
     Ok(root.join(resolved))
 }
 
-/// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
-pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
+/// The device and inode of the file at `path`, as `/proc/PID/maps` names them.
+pub fn file_id(path: &Path) -> std::io::Result<FileId> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     let dev = meta.dev();
-    let device = (libc::major(dev) as i32, libc::minor(dev) as i32);
-    Ok(device == file.device && meta.ino() == file.inode)
+    Ok(FileId {
+        device: (libc::major(dev) as i32, libc::minor(dev) as i32),
+        inode: meta.ino(),
+    })
+}
+
+/// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
+pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
+    Ok(file_id(path)? == file)
 }
 
 /// The libc this program itself runs on.

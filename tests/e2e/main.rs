@@ -47,6 +47,7 @@ mod python_agent;
 mod python_always_on;
 mod python_budget;
 mod python_django;
+mod python_extension;
 mod python_frames;
 mod realloc;
 mod sampling;

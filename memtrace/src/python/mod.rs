@@ -531,7 +531,14 @@ impl PythonFile {
 /// The interpreter a program will run on before it starts: the program itself (a static
 /// `python3`), or a `libpython3*` its dynamic loader resolves.
 pub fn find_for_program(program: &Path) -> Result<Option<PythonFile>> {
-    if let Some(python) = PythonFile::open(program)? {
+    // Through the cache the launched process's first look will hit: parsing libpython
+    // takes ~0.15 s, time in which a short script would run without its Python frames.
+    let open = |path: &Path| -> Result<Option<PythonFile>> {
+        let file =
+            crate::process::file_id(path).with_context(|| format!("reading {}", path.display()))?;
+        open_cached(path, file)
+    };
+    if let Some(python) = open(program)? {
         return Ok(Some(python));
     }
     let elf = crate::elf::ElfFile::open(program)?;
@@ -552,7 +559,7 @@ pub fn find_for_program(program: &Path) -> Result<Option<PythonFile>> {
         {
             let path = Path::new(resolved.split(" (").next().unwrap_or("").trim());
             if path.is_absolute() {
-                return PythonFile::open(path);
+                return open(path);
             }
         }
     }
