@@ -68,13 +68,13 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
-            process::libc_of_running(*pid)?.path,
+            process::allocator_of_running(*pid)?.path,
             process::command_line(*pid),
         ),
         (None, Some((program, rest))) => {
             let program = process::find_program(program)?;
             launch::check_runnable(&program)?;
-            let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
+            let libc = process::allocator_of_program(&ElfFile::open(&program)?)?;
             // Not from /proc: the child has not exec'd yet.
             let command = args.command.join(" ");
             program_path = Some(program.clone());

@@ -64,11 +64,11 @@ fn error_no_such_pid() {
 }
 
 #[test]
-fn error_statically_linked() {
+fn error_no_allocator() {
     let _serial = serial();
     require_root();
-    let finished = run_top(&[], &static_fixture(), &[]);
-    assert_error(&finished, "statically linked");
+    let finished = run_top(&[], &nolibc_fixture(), &[]);
+    assert_error(&finished, "no allocator of its own");
 }
 
 #[test]

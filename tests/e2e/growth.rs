@@ -66,8 +66,8 @@ fn growth_tier_samples_faults() {
 fn growth_tier_needs_no_shared_libc() {
     let _serial = serial();
     require_root();
-    // The exact tier refuses a statically linked program (errors.rs); the growth tier
-    // puts no probe on its allocator and sees the pages it populates all the same.
+    // The growth tier puts no probe on a statically linked program's allocator and sees
+    // the pages it populates all the same.
     let report = trace_program(&static_fixture(), &["--tier", "growth"], &[]);
     assert!(
         report.totals.outstanding_bytes >= PAGE,

@@ -175,9 +175,21 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// `fixtures/static.c` built with `cc -static`.
 pub fn static_fixture() -> PathBuf {
-    static STATIC: OnceLock<PathBuf> = OnceLock::new();
-    STATIC
-        .get_or_init(|| {
+    static_build("static")
+}
+
+/// `fixtures/<name>.c` built with `cc -static` (once per test run), as `<name>-static`:
+/// a program with its own copy of the C library's allocator.
+pub fn static_build(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(name.to_owned())
+        .or_insert_with(|| {
             let libc_a = Path::new("/usr/lib/x86_64-linux-gnu/libc.a");
             assert!(
                 libc_a.exists(),
@@ -185,8 +197,29 @@ pub fn static_fixture() -> PathBuf {
                  (Debian: `apt-get install libc6-dev`)",
                 libc_a.display()
             );
-            let out = fixture_dir().dir.join("static");
-            compile("static", &out, &["-static"]);
+            let out = fixture_dir().dir.join(format!("{name}-static"));
+            compile(name, &out, &["-static"]);
+            out
+        })
+        .clone()
+}
+
+/// `fixtures/nolibc.c` built with `-static -nostdlib`: a program with no allocator at all.
+pub fn nolibc_fixture() -> PathBuf {
+    static NOLIBC: OnceLock<PathBuf> = OnceLock::new();
+    NOLIBC
+        .get_or_init(|| {
+            let out = fixture_dir().dir.join("nolibc");
+            compile(
+                "nolibc",
+                &out,
+                &[
+                    "-static",
+                    "-nostdlib",
+                    "-ffreestanding",
+                    "-fno-stack-protector",
+                ],
+            );
             out
         })
         .clone()

@@ -56,8 +56,8 @@ impl PythonTarget {
     }
 
     /// A running process of a container the agent escalated (`--probes escalate`): like
-    /// [`Self::running`] with shared probes, except that growth mode becomes exact mode
-    /// (per process) where the interpreter supports it. Escalation is the bounded
+    /// [`Self::running`] with probes of its own (as its libc's: no other process traps on
+    /// them), except that growth mode becomes exact mode where the interpreter supports it. Escalation is the bounded
     /// investigation exact mode is for (a window, under the CPU budget), and only exact
     /// mode counts live objects.
     pub fn escalated(
@@ -66,7 +66,7 @@ impl PythonTarget {
         pid: u32,
         mode: PythonMode,
     ) -> Option<Self> {
-        Self::probed(tracer, resolver, pid, mode, true, true)
+        Self::probed(tracer, resolver, pid, mode, false, true)
     }
 
     fn probed(
