@@ -145,33 +145,14 @@ fn python_agent_shares_interpreter_probes() {
 fn python_agent_escalation_brings_exact_mode() {
     let _serial = serial();
     require_root();
-    let debian = std::path::Path::new("/usr/bin/python3.11");
-    assert!(
-        debian.is_file(),
-        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
+    let debian = debian_python();
+    let run = EscalatedPython::start(
+        "pyescalate",
+        &[&pyenv_python("3.12"), debian],
+        &["--escalate-for", "10m"],
     );
-    let mut cgroups = TestCgroups::new("pyescalate");
-    let cg = cgroups.create("app");
-    // The container's memory grows (~3 MiB/s of new pages): it gets escalated.
-    let _grower = start_in_cgroup(&cg, "pages", &["100000", "20"]);
-    let service = python_fixture("python_service.py");
-    let pyenv = start_python_in_cgroup(&cg, &pyenv_python("3.12"), &service, &["10000", "20"]);
-    let lto = start_python_in_cgroup(&cg, debian, &service, &["10000", "20"]);
-    let agent = Agent::start(&[
-        "--cgroup",
-        &format!("{}/*", cgroups.root_pattern()),
-        "--interval",
-        "500ms",
-        "--window",
-        "10s",
-        "--probes",
-        "escalate",
-        "--escalate-for",
-        "10m",
-        // No budget: the probes stay on for what is checked here.
-        "--max-overhead",
-        "0",
-    ]);
+    let agent = &run.agent;
+    let (pyenv, lto) = (&run.services[0], &run.services[1]);
     let lines = [
         wait_cpython_line(&agent.proc),
         wait_cpython_line(&agent.proc),
@@ -192,7 +173,7 @@ fn python_agent_escalation_brings_exact_mode() {
         growth.contains("allocate_from_new_pool") && !growth.contains("_PyObject_Malloc"),
         "Debian's LTO python3.11 did not keep growth mode's probes: {growth}"
     );
-    let container = [("container", cg.label.as_str())];
+    let container = [("container", run.cgroup.label.as_str())];
     agent.wait_for(
         "live objects of the escalated container",
         WAIT_TIMEOUT,

@@ -93,33 +93,13 @@ fn python_always_on_growth_names_the_leaking_line() {
 fn python_always_on_frames_outlive_an_escalation() {
     let _serial = serial();
     require_root();
-    let mut cgroups = TestCgroups::new("pyafter");
-    let cg = cgroups.create("app");
-    // The container's memory grows (~3 MiB/s of new pages): it gets escalated.
-    let _grower = start_in_cgroup(&cg, "pages", &["100000", "20"]);
-    let _service = start_python_in_cgroup(
-        &cg,
-        &pyenv_python("3.12"),
-        &python_fixture("python_service.py"),
-        &["10000", "20"],
-    );
-    let agent = Agent::start(&[
-        "--cgroup",
-        &format!("{}/*", cgroups.root_pattern()),
-        "--interval",
-        "500ms",
-        "--window",
-        "10s",
-        "--probes",
-        "escalate",
-        "--escalate-for",
-        "3s",
-        "--max-overhead",
-        "0",
+    let run = EscalatedPython::start(
+        "pyafter",
+        &[&pyenv_python("3.12")],
         // Every growth site of the container: the pages fixture's would crowd out Python's.
-        "--top-k",
-        "50",
-    ]);
+        &["--escalate-for", "3s", "--top-k", "50"],
+    );
+    let (agent, cg) = (&run.agent, &run.cgroup);
     let container = [("container", cg.label.as_str())];
     agent.wait_for("an escalation window over", WITHIN, |s| {
         (s.value("memtrace_escalations_total", &container) == Some(1.0)

@@ -209,11 +209,7 @@ fn python_unsupported_version_keeps_native_stacks() {
 fn python_debian_static_growth() {
     let _serial = serial();
     require_root();
-    let python = std::path::Path::new("/usr/bin/python3.11");
-    assert!(
-        python.is_file(),
-        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
-    );
+    let python = debian_python();
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
     let run = trace_python(python, &fixture, &["20000"], &["--python", "growth"]);

@@ -51,6 +51,16 @@ pub fn pyenv_python(minor: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no pyenv CPython {minor} under {}", versions.display()))
 }
 
+/// Debian's `python3.11` (static libpython, LTO+PGO, stripped).
+pub fn debian_python() -> &'static Path {
+    let python = Path::new("/usr/bin/python3.11");
+    assert!(
+        python.is_file(),
+        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
+    );
+    python
+}
+
 pub fn python_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -68,6 +78,53 @@ pub fn start_python_in_cgroup(
     let mut argv = vec![fixture.as_os_str()];
     argv.extend(args.iter().map(std::ffi::OsStr::new));
     start_program_in_cgroup(cgroup, &format!("{name} {args:?}"), python, &argv)
+}
+
+/// One container that the agent escalates: `pages.c` grows its memory (~3 MiB/s of new
+/// pages), beside a `python_service.py` on each interpreter given; and an agent watching it
+/// with `--probes escalate`, no CPU budget (the probes stay on), and `flags`. Dropped in
+/// field order: the agent, the processes, then the cgroups.
+pub struct EscalatedPython {
+    pub agent: crate::agent_util::Agent,
+    /// One service per interpreter, in the order given.
+    pub services: Vec<Proc>,
+    _grower: Proc,
+    pub cgroup: Cgroup,
+    _cgroups: crate::agent_util::TestCgroups,
+}
+
+impl EscalatedPython {
+    pub fn start(tag: &str, pythons: &[&Path], flags: &[&str]) -> Self {
+        let mut cgroups = crate::agent_util::TestCgroups::new(tag);
+        let cgroup = cgroups.create("app");
+        let grower = crate::agent_util::start_in_cgroup(&cgroup, "pages", &["100000", "20"]);
+        let service = python_fixture("python_service.py");
+        let services = pythons
+            .iter()
+            .map(|python| start_python_in_cgroup(&cgroup, python, &service, &["10000", "20"]))
+            .collect();
+        let pattern = format!("{}/*", cgroups.root_pattern());
+        let mut args = vec![
+            "--cgroup",
+            &pattern,
+            "--interval",
+            "500ms",
+            "--window",
+            "10s",
+            "--probes",
+            "escalate",
+            "--max-overhead",
+            "0",
+        ];
+        args.extend(flags);
+        Self {
+            agent: crate::agent_util::Agent::start(&args),
+            services,
+            _grower: grower,
+            cgroup,
+            _cgroups: cgroups,
+        }
+    }
 }
 
 /// The line of `fixture` carrying the comment `# MARKER`.
