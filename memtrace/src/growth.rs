@@ -75,12 +75,20 @@ impl Tracer {
 
     /// Frees the always-on tier's map entries of process `tgid` (gone).
     pub fn forget_growth(&mut self, tgid: u32) -> Result<()> {
+        self.forget_growth_all(&std::collections::HashSet::from([tgid]))
+    }
+
+    /// [`Tracer::forget_growth`] for many processes, in one pass over the map.
+    pub fn forget_growth_all(&mut self, tgids: &std::collections::HashSet<u32>) -> Result<()> {
+        if tgids.is_empty() {
+            return Ok(());
+        }
         let mut faults: BpfHashMap<&mut MapData, UsageKey, FaultGrowth> =
             BpfHashMap::try_from(self.map_mut(maps::FAULTS)?)?;
         let doomed: Vec<UsageKey> = faults
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
+            .filter(|k| tgids.contains(&k.tgid))
             .collect();
         for key in doomed {
             let _ = faults.remove(&key);

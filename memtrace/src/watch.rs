@@ -215,8 +215,8 @@ impl Watch {
         symbolizer: &mut Symbolizer,
         metrics: &Metrics,
     ) -> Observed {
-        let watched: HashSet<u64> = self.containers.keys().copied().collect();
-        let snapshot = match tracer.growth_snapshot(|key| watched.contains(&key.cgroup_id)) {
+        // Every entry, watched or not: those of processes no longer watched are let go below.
+        let snapshot = match tracer.growth_snapshot(|_| true) {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 log::warn!("reading the always-on tier's maps: {e:#}");
@@ -254,6 +254,14 @@ impl Watch {
                 });
             site.populated_bytes += bytes;
         }
+        metrics
+            .map_entries
+            .with_label_values(&["faults"])
+            .set(snapshot.stacks.len() as i64);
+        // Processes that came and went between two intervals (a watched cgroup's faults are
+        // recorded whatever process takes them) were never watched one by one: their pages
+        // are counted here, then their entries go, or churn would fill FAULTS.
+        let mut passing = HashSet::new();
         for ((pid, cgroup_id), total) in per_process {
             let last = self.populated.entry(pid).or_default();
             let delta = total.saturating_sub(*last);
@@ -264,6 +272,15 @@ impl Watch {
                     .with_label_values(&container.labels.values())
                     .inc_by(delta);
             }
+            if !self.processes.contains_key(&pid) {
+                passing.insert(pid);
+            }
+        }
+        for pid in &passing {
+            self.populated.remove(pid);
+        }
+        if let Err(e) = tracer.forget_growth_all(&passing) {
+            log::warn!("freeing the always-on tier's entries of gone processes: {e:#}");
         }
         let mut profiles: BTreeMap<String, Vec<ProfileSample>> = BTreeMap::new();
         for site in sites.values() {

@@ -150,7 +150,14 @@ fn pods_churn_leaves_nothing_behind() {
     agent.wait_traced(1, WAIT_TIMEOUT);
     let agent_pid = agent.proc.pid();
 
-    let before = agent.scrape();
+    // The parent's own page-fault entries, once the always-on tier has read them.
+    let before = agent.wait_for("the always-on tier's entries counted", WAIT_TIMEOUT, |s| {
+        s.value("memtrace_bpf_map_entries", &[("map", "faults")])
+            .map(|_| s.clone())
+    });
+    let faults_before = before
+        .value("memtrace_bpf_map_entries", &[("map", "faults")])
+        .unwrap_or(0.0);
     let fds_before = open_fds(agent_pid);
     let rss_before = before
         .value("process_resident_memory_bytes", &[])
@@ -196,7 +203,11 @@ fn pods_churn_leaves_nothing_behind() {
         let in_map = s.value("memtrace_bpf_map_entries", &[("map", "traced")])?;
         let usage_all = s.value("memtrace_bpf_map_entries", &[("map", "usage_all")])?;
         let usage = s.value("memtrace_bpf_map_entries", &[("map", "usage")])?;
-        (traced == 1.0 && in_map == 1.0 && usage_all == usage).then(|| s.clone())
+        // The children's page faults were recorded (their cgroup is watched) and let go
+        // with them: at most the last interval's newcomers are left besides the parent's.
+        let faults = s.value("memtrace_bpf_map_entries", &[("map", "faults")])?;
+        (traced == 1.0 && in_map == 1.0 && usage_all == usage && faults <= faults_before + 2000.0)
+            .then(|| s.clone())
     });
     let execs = after
         .value("memtrace_process_events_total", &[("kind", "exec")])
@@ -225,12 +236,21 @@ fn pods_churn_leaves_nothing_behind() {
         .value("process_resident_memory_bytes", &[])
         .expect("process_resident_memory_bytes");
     eprintln!(
-        "churn: {started} children, {execs} exec events, {lost} lost; fds {fds_before} -> {fds_after} (peak {peak_fds}); RSS {:.1} -> {:.1} MiB; attach errors {}",
+        "churn: {started} children, {execs} exec events, {lost} lost; fds {fds_before} -> {fds_after} (peak {peak_fds}); RSS {:.1} -> {:.1} MiB; attach errors {}; page-fault entries {faults_before} -> {}, {} faults dropped (map full)",
         rss_before / 1048576.0,
         rss_after / 1048576.0,
         after
             .value("memtrace_attach_errors_total", &[])
-            .unwrap_or(0.0)
+            .unwrap_or(0.0),
+        after
+            .value("memtrace_bpf_map_entries", &[("map", "faults")])
+            .unwrap_or(0.0),
+        after
+            .value(
+                "memtrace_dropped_events_total",
+                &[("reason", "faults_map_full")]
+            )
+            .unwrap_or(0.0),
     );
     assert!(
         rss_after <= rss_before + 64.0 * 1048576.0,
