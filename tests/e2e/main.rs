@@ -37,6 +37,7 @@ mod fault_maps;
 mod growth;
 mod isolation;
 mod least_privilege;
+mod mapped;
 mod munmap;
 mod nested;
 mod pods_churn;
