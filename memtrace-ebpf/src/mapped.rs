@@ -53,7 +53,7 @@ const MAP_ANONYMOUS: u64 = 0x20;
 const PMD_SIZE: u64 = 2 << 20;
 /// Words of user stack scanned for the call site, from the syscall's stack pointer: glibc's
 /// malloc → sysmalloc → mmap path takes ~300 bytes here.
-const SCAN_WORDS: usize = 128;
+const SCAN_WORDS: usize = 64;
 /// A saved frame pointer points at most this far above its own slot.
 const MAX_FRAME_BYTES: u64 = 1 << 20;
 
@@ -341,20 +341,19 @@ fn region_around(tgid: u32, addr: u64) -> Option<(u64, AllocInfo)> {
 /// `rbp` holds data there, so the frame-pointer walk the page faults use would stop at
 /// libc's `mmap`. Instead the user stack is scanned upwards from the syscall's `rsp` for
 /// the first frame record of code with frame pointers (a word pointing a little above its
-/// own slot, followed by a return address): that is the frame of the function that called
-/// into libc. Its call site is the last return address seen below the record, if that lies
-/// in the function (within 64 KiB after the entry its caller's `call` names); otherwise
-/// (a uretprobe, such as the exact tier's on malloc, swaps that return address for its
-/// trampoline) the function's entry stands for it. Then the frame-pointer chain from the
-/// record. A word counts as a return address when the bytes before it are a call.
+/// own slot, followed by a return address, and itself pointing at its caller's record):
+/// that is the frame of the function that called into libc. Its caller's `call rel32` names the function's entry, which stands for the
+/// function (one past it: frames are symbolized as return addresses, at address − 1); then
+/// the frame-pointer chain from the record. The return address into the function itself
+/// is not used even when it is on the stack: a uretprobe on the function it called (the
+/// exact tier's on malloc) replaces it with its trampoline, and the same call site would
+/// get two stacks. A caller that called through a register: the last return address seen
+/// below the record. A word counts as a return address when the bytes before it are a call.
 #[inline(always)]
 fn call_site_stack(regs: &pt_regs) -> u64 {
     let (first, fp) = scan_call_site(regs.rsp).unwrap_or((regs.rip, 0));
     walk_stack_from(first, fp)
 }
-
-/// How far a call site may lie after its function's entry.
-const MAX_FUNCTION_BYTES: u64 = 64 << 10;
 
 #[inline(always)]
 fn scan_call_site(sp: u64) -> Option<(u64, u64)> {
@@ -373,22 +372,17 @@ fn scan_call_site(sp: u64) -> Option<(u64, u64)> {
     for i in 0..SCAN_WORDS {
         let word = words[i];
         let slot = sp + 8 * i as u64;
-        if let Some(callee) = called_from(word, sp) {
+        let callee = called_from(word, sp);
+        if callee != NOT_A_RETURN {
             // The word before it, pointing just above itself: a frame record.
             let record = slot.wrapping_sub(8);
             if i > 0
                 && previous > record
                 && previous - record < MAX_FRAME_BYTES
                 && previous.is_multiple_of(8)
+                && is_callers_frame(previous, word, sp)
             {
-                let in_callee =
-                    callee != 0 && last_return.wrapping_sub(callee) < MAX_FUNCTION_BYTES;
-                let first = if in_callee || callee == 0 {
-                    last_return
-                } else {
-                    // Symbolized as a return address (at address − 1): one past the entry.
-                    callee + 1
-                };
+                let first = if callee == 0 { last_return } else { callee + 1 };
                 return (first != 0).then_some((first, record));
             }
             last_return = word;
@@ -398,6 +392,26 @@ fn scan_call_site(sp: u64) -> Option<(u64, u64)> {
     None
 }
 
+/// Whether `frame` is the frame record of the function `return_address` returns into: it
+/// holds a return address too, and when that one follows a `call rel32`, the function it
+/// called contains `return_address`. Stale words (a pointer to a local of a call that has
+/// returned, next to its return address) look like a record; they fail this.
+#[inline(always)]
+fn is_callers_frame(frame: u64, return_address: u64, sp: u64) -> bool {
+    // SAFETY: reading user memory through the helper, which checks the address.
+    let Ok(callers_return) = (unsafe { bpf_probe_read_user((frame + 8) as *const u64) }) else {
+        return false;
+    };
+    match called_from(callers_return, sp) {
+        NOT_A_RETURN => false,
+        0 => true, // Called through a register: its entry is unknown.
+        entry => return_address.wrapping_sub(entry) < MAX_FUNCTION_BYTES,
+    }
+}
+
+/// How far a return address may lie after its function's entry.
+const MAX_FUNCTION_BYTES: u64 = 1 << 20;
+
 #[inline(always)]
 fn as_bytes(words: &mut [u64; SCAN_WORDS]) -> &mut [u8] {
     // SAFETY: a u64 array is valid as bytes.
@@ -406,21 +420,31 @@ fn as_bytes(words: &mut [u64; SCAN_WORDS]) -> &mut [u8] {
 
 /// Whether `word` looks like a return address: a user address off the stack whose
 /// preceding bytes end in a call (`call rel32`, or `call` through a register or memory:
-/// opcode 0xff with reg field 2, 2, 3 or 6 bytes long). Then the called function's entry
-/// for a `call rel32`, else 0.
+/// opcode 0xff with reg field 2, 2, 3 or 6 bytes long). Returns the called function's
+/// entry for a `call rel32`, 0 for another call, [`NOT_A_RETURN`] for no call. (A plain
+/// `u64`: a BPF function returns one register.)
 #[inline(always)]
-fn called_from(word: u64, sp: u64) -> Option<u64> {
+fn called_from(word: u64, sp: u64) -> u64 {
     // Below the first pages (small integers) or above user space (kernel, -errno), or a
     // stack address: not code.
     if !(0x10000..0x0000_8000_0000_0000).contains(&word) || word.wrapping_sub(sp) < (8 << 20) {
-        return None;
+        return NOT_A_RETURN;
     }
     // SAFETY: reading user memory through the helper, which checks the address.
-    let b = unsafe { bpf_probe_read_user((word - 8) as *const [u8; 8]) }.ok()?;
+    let Ok(b) = (unsafe { bpf_probe_read_user((word - 8) as *const [u8; 8]) }) else {
+        return NOT_A_RETURN;
+    };
     if b[3] == 0xe8 {
         let offset = i32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        return Some(word.wrapping_add(offset as i64 as u64));
+        return word.wrapping_add(offset as i64 as u64);
     }
     let call_via = |op: u8, modrm: u8| op == 0xff && (modrm >> 3) & 7 == 2;
-    (call_via(b[6], b[7]) || call_via(b[5], b[6]) || call_via(b[2], b[3])).then_some(0)
+    if call_via(b[6], b[7]) || call_via(b[5], b[6]) || call_via(b[2], b[3]) {
+        0
+    } else {
+        NOT_A_RETURN
+    }
 }
+
+/// [`called_from`]: the word is no return address.
+const NOT_A_RETURN: u64 = u64::MAX;

@@ -155,6 +155,19 @@ impl Tracer {
     }
 }
 
+/// Starts the view in the agent, or says in one line why not; either way
+/// `memtrace_feature_available{feature="mapped_view"}` says which.
+pub fn enable_in_agent(tracer: &mut Tracer, metrics: &crate::metrics::Metrics) {
+    let result = tracer.enable_mapped();
+    if let Err(e) = &result {
+        log::warn!("the always-on tier's mmap view is off: {e:#}");
+    }
+    metrics
+        .feature_available
+        .with_label_values(&["mapped_view"])
+        .set(i64::from(result.is_ok()));
+}
+
 /// Adds one stack's regions (counts in 1/`COUNT_SCALE`) to its process's totals.
 fn add_to_totals(totals: &mut ProcessTotals, usage: &Usage) {
     totals.allocated_bytes += usage.allocated_bytes;

@@ -19,6 +19,7 @@ mod agent_budget;
 mod agent_env;
 mod agent_escalate;
 mod agent_follow;
+mod agent_mapped;
 mod agent_pprof;
 mod agent_prometheus;
 mod agent_shapes;
