@@ -48,6 +48,14 @@ fn mapped_view_counts_large_blocks_and_their_releases() {
         "map_and_trim's mapping lost its middle\n{}",
         report.summary()
     );
+    // Aligned for huge pages by the kernel, and still found when unmapped.
+    let huge = report.site("map_huge");
+    assert_eq!(
+        (huge.allocated_bytes, huge.outstanding_bytes),
+        (4 << 20, 0),
+        "map_huge's 4 MiB mapping was unmapped\n{}",
+        report.summary()
+    );
     assert_eq!(
         report.stacks[0].leaf_function(),
         Some("leak_blocks"),
