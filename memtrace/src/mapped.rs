@@ -34,7 +34,7 @@ const PROGRAMS: [(&str, &str); 2] = [
 impl Tracer {
     /// Loads and attaches the mapping programs, once. Fails with one line when the kernel
     /// has no BTF, lacks one of the tracepoints, or its verifier refuses a program (they
-    /// need `bpf_task_pt_regs`, Linux 5.15).
+    /// need `bpf_task_pt_regs` and the `mmap_lock` tracepoints: Linux 5.15).
     pub fn enable_mapped(&mut self) -> Result<()> {
         if self.mapped_enabled() {
             return Ok(());
