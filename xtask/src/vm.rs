@@ -123,8 +123,8 @@ const CHECKS: &[&str] = &[
 
 /// Programs memtrace runs without when the kernel refuses them: exec/fork/exit events (the
 /// agent then finds processes by its periodic rescan alone), and the always-on tier's mmap
-/// view (5.10 lacks its `mmap_lock_acquire_returned` tracepoint; it needs `bpf_task_pt_regs`, 5.15). Their verdicts are columns of their own, not
-/// `verifier`.
+/// view (5.10 lacks its `mmap_lock_acquire_returned` tracepoint; it needs
+/// `bpf_task_pt_regs`, 5.15). Their verdicts are columns of their own, not `verifier`.
 const OPTIONAL_GROUPS: &[(&str, &[&str])] = &[
     (
         "lifecycle_events",
