@@ -141,7 +141,8 @@ fn placed(addr: u64, size: u64, searched: u64) -> u64 {
 }
 
 /// `mmap_lock_acquire_returned(struct mm_struct *mm, bool write, bool success)`: `munmap`
-/// (and `mmap` over a fixed address) take the lock for writing before changing the map.
+/// (and `mmap` over a fixed address, `mremap`) take the lock for writing before changing
+/// the map.
 #[btf_tracepoint(function = "mmap_lock_acquire_returned")]
 pub fn mapped_mmap_lock(ctx: BtfTracePointContext) -> u32 {
     let write: u64 = ctx.arg(1);
@@ -163,6 +164,18 @@ pub fn mapped_mmap_lock(ctx: BtfTracePointContext) -> u32 {
         // A fixed mapping replaces whatever was there.
         SYS_MMAP if regs.r10 & MAP_FIXED != 0 => {
             unmap(tgid, regs.rdi, regs.rsi);
+        }
+        // mremap(old, old_len, new_len, ...) shrinking: in place, its tail goes (glibc's
+        // realloc of a mapped block). A move is seen when it picks its new address.
+        SYS_MREMAP => {
+            let page = page_size();
+            let (kept, old) = (
+                regs.rdx.div_ceil(page) * page,
+                regs.rsi.div_ceil(page) * page,
+            );
+            if kept > 0 && kept < old {
+                unmap(tgid, regs.rdi + kept, old - kept);
+            }
         }
         _ => {}
     }

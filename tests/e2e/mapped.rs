@@ -48,6 +48,20 @@ fn mapped_view_counts_large_blocks_and_their_releases() {
         "map_and_trim's mapping lost its middle\n{}",
         report.summary()
     );
+    // realloc to 160 KiB: glibc shrinks the mapping in place (mremap); the rest stays at
+    // the stack that mapped it. 160 KiB + 16 bytes of header + 8 rounded up to pages.
+    let shrunk = report.site("shrink_block");
+    let kept = (160 * 1024 + 16 + 8u64).div_ceil(PAGE) * PAGE;
+    assert_eq!(
+        (
+            shrunk.allocated_bytes,
+            shrunk.outstanding_bytes,
+            shrunk.outstanding_allocations
+        ),
+        (block_bytes(), kept, 1),
+        "shrink_block's block was shrunk to {kept} bytes\n{}",
+        report.summary()
+    );
     // Aligned for huge pages by the kernel, and still found when unmapped.
     let huge = report.site("map_huge");
     assert_eq!(
