@@ -43,12 +43,26 @@ pub mod maps {
     /// Always-on tier: pages populated per (cgroup, process, stack):
     /// [`crate::UsageKey`] → [`crate::FaultGrowth`].
     pub const FAULTS: &str = "FAULTS";
+    /// Always-on tier: live anonymous regions mapped by watched processes (`mmap` to
+    /// `munmap`), same layout as `MMAPS`.
+    pub const MAPPED_REGIONS: &str = "MAPPED_REGIONS";
+    /// Always-on tier: mapped bytes per (cgroup, process, stack): [`crate::UsageKey`] →
+    /// [`crate::Usage`] (outstanding, mapped and unmapped; exact).
+    pub const MAPPED: &str = "MAPPED";
 }
 
 /// Names of the BPF programs userspace attaches by name (besides the allocator probes).
 pub mod programs {
     /// The always-on tier's BTF tracepoint program.
     pub const PAGE_FAULT_USER: &str = "page_fault_user";
+    /// The always-on tier's `mmap` (and moving `mremap`) program.
+    pub const MAPPED_UNMAPPED_AREA: &str = "mapped_unmapped_area";
+    /// Its tracepoint: an address was picked for a new mapping.
+    pub const UNMAPPED_AREA_TRACEPOINT: &str = "vm_unmapped_area";
+    /// The always-on tier's `munmap` program.
+    pub const MAPPED_MMAP_LOCK: &str = "mapped_mmap_lock";
+    /// Its tracepoint: a task took an mm's lock.
+    pub const MMAP_LOCK_TRACEPOINT: &str = "mmap_lock_acquire_returned";
 }
 
 /// Names of the read-only globals userspace sets before loading.
@@ -81,6 +95,9 @@ pub mod capacity {
 pub const MUNMAP_MAX_PAGES_BACK: u32 = 1024;
 /// How many adjacent tracked mappings one `munmap` call may cover.
 pub const MUNMAP_MAX_REGIONS: u32 = 8;
+/// How far back (in pages) the always-on tier's `munmap` looks for the start of a region it
+/// cuts into (it runs for every `munmap` of a watched process, tracked or not).
+pub const MAPPED_MAX_PAGES_BACK: u32 = 256;
 
 /// A call entering within this long after an allocator call on the same thread, deeper
 /// on its stack, is nested in it. No allocator call lasts a second.
@@ -127,13 +144,17 @@ pub enum Counter {
     ReadFailed = 8,
     /// `FAULTS` was full: a page fault of the always-on tier went unattributed.
     FaultsFull = 9,
+    /// `MAPPED_REGIONS` or `MAPPED` was full: a mapping of the always-on tier went untracked.
+    MappedFull = 10,
+    /// An `munmap` of a watched process spanned more tracked regions than followed.
+    MappedUnresolved = 11,
     /// A shared probe fired in a process memtrace does not trace (it maps a probed file):
     /// the BPF program returned at once, but that process paid the trap.
-    UntracedHit = 10,
+    UntracedHit = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::AllocsFull,
@@ -146,6 +167,8 @@ impl Counter {
         Counter::UnmatchedFree,
         Counter::ReadFailed,
         Counter::FaultsFull,
+        Counter::MappedFull,
+        Counter::MappedUnresolved,
         Counter::UntracedHit,
     ];
 
@@ -162,6 +185,8 @@ impl Counter {
             Counter::UnmatchedFree => "unmatched_free",
             Counter::ReadFailed => "user_read_failed",
             Counter::FaultsFull => "faults_map_full",
+            Counter::MappedFull => "mapped_map_full",
+            Counter::MappedUnresolved => "mapped_unresolved",
             Counter::UntracedHit => "untraced_probe_hit",
         }
     }

@@ -46,6 +46,12 @@ fn fault_sample() -> u64 {
     if sample == 0 { 1 } else { sample }
 }
 
+/// Whether the always-on tier follows this task: its container or its process is watched.
+#[inline(always)]
+pub(crate) fn is_watched(cgroup_id: u64, tgid: u32) -> bool {
+    WATCHED_CGROUPS.get_ptr(&cgroup_id).is_some() || WATCHED_PROCESSES.get_ptr(&tgid).is_some()
+}
+
 /// `page_fault_user(unsigned long address, struct pt_regs *regs, unsigned long error_code)`.
 #[btf_tracepoint(function = "page_fault_user")]
 pub fn page_fault_user(ctx: BtfTracePointContext) -> u32 {
@@ -57,7 +63,7 @@ pub fn page_fault_user(ctx: BtfTracePointContext) -> u32 {
     let tgid = (id >> 32) as u32;
     // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if WATCHED_CGROUPS.get_ptr(&cgroup_id).is_none() && WATCHED_PROCESSES.get_ptr(&tgid).is_none() {
+    if !is_watched(cgroup_id, tgid) {
         return 0;
     }
     let sample = fault_sample();

@@ -981,6 +981,7 @@ pub fn noop_exit(_ctx: RetProbeContext) -> u32 {
 }
 
 mod growth;
+mod mapped;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -64,6 +64,8 @@ pub struct View {
     pub growth: Vec<GrowthSite>,
     /// Pages populated per stack and container (by label), for pprof and flame graphs.
     pub growth_profiles: BTreeMap<String, Vec<ProfileSample>>,
+    /// The always-on tier's outstanding mapped bytes per stack, per container.
+    pub mapped_profiles: BTreeMap<String, Vec<ProfileSample>>,
 }
 
 pub type SharedView = Arc<RwLock<View>>;
@@ -247,6 +249,9 @@ impl Agent {
                 None
             }
         };
+        if watch.is_some() {
+            crate::mapped::enable_in_agent(&mut tracer, &metrics);
+        }
         let escalating = args.probes == ProbeMode::Escalate && watch.is_some();
         if args.probes == ProbeMode::Escalate && !escalating {
             log::warn!(
@@ -511,6 +516,7 @@ impl Agent {
             let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
             view.growth = observed.sites;
             view.growth_profiles = observed.profiles;
+            view.mapped_profiles = observed.mapped_profiles;
         }
         if !self.escalating {
             return wanted;
@@ -1268,7 +1274,7 @@ fn start_pods(
 }
 
 /// CLOCK_MONOTONIC in ms: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ms() -> f64 {
+pub(crate) fn monotonic_ms() -> f64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -306,6 +306,9 @@ pub enum Tier {
     Exact,
     /// Page faults that populate new memory: growth per stack, no trap per call.
     Growth,
+    /// Anonymous mappings (glibc's blocks of 128 KiB and more), outstanding until
+    /// unmapped, per stack; no trap per call.
+    Mapped,
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {

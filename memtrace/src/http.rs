@@ -136,10 +136,11 @@ fn samples(
     let profiles = match query.get("tier").map(String::as_str) {
         None | Some("exact") => &view.profiles,
         Some("growth") => &view.growth_profiles,
+        Some("mapped") => &view.mapped_profiles,
         Some(other) => {
             return Err((
                 StatusCode::BAD_REQUEST,
-                format!("unknown tier {other:?}: exact or growth\n"),
+                format!("unknown tier {other:?}: exact, growth or mapped\n"),
             ));
         }
     };
@@ -184,6 +185,7 @@ async fn flamegraph(
     };
     let what = match query.get("tier").map(String::as_str) {
         Some("growth") => "Memory growth (pages populated)",
+        Some("mapped") => "Mapped memory (anonymous mappings outstanding)",
         _ => "Outstanding memory",
     };
     let title = match query.get("container") {

@@ -20,6 +20,7 @@ pub mod http;
 pub mod k8s;
 pub mod launch;
 pub mod lifecycle;
+pub mod mapped;
 pub mod metrics;
 pub mod perf_uprobe;
 pub mod placement;

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub probe_cost_seconds: GaugeVec,
     pub anon_memory_bytes: IntGaugeVec,
     pub populated_bytes: IntCounterVec,
+    pub mapped_bytes: IntGaugeVec,
     pub escalated: IntGaugeVec,
     pub escalations: IntCounterVec,
     pub feature_available: IntGaugeVec,
@@ -182,6 +183,11 @@ impl Metrics {
                 "Bytes of the pages a watched container's processes populated by touching new memory (always-on tier).",
                 &CONTAINER_LABELS,
             )?,
+            mapped_bytes: gauge_vec(
+                "memtrace_mapped_bytes",
+                "Anonymous memory a watched container's processes mapped and have not unmapped (always-on tier).",
+                &CONTAINER_LABELS,
+            )?,
             escalated: gauge_vec(
                 "memtrace_escalated",
                 "1 while a container has allocator probes because its memory grows (--probes escalate).",
@@ -249,6 +255,7 @@ impl Metrics {
         let values = labels.values();
         let _ = self.anon_memory_bytes.remove_label_values(&values);
         let _ = self.populated_bytes.remove_label_values(&values);
+        let _ = self.mapped_bytes.remove_label_values(&values);
         let _ = self.escalated.remove_label_values(&values);
         let _ = self.escalations.remove_label_values(&values);
     }

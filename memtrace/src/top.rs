@@ -65,7 +65,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         filter_processes: false,
         fault_sample: args.fault_sample,
     };
-    if args.tier == Tier::Growth {
+    if matches!(args.tier, Tier::Growth | Tier::Mapped) {
         return run_growth(args, options);
     }
 
@@ -173,8 +173,8 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     )
 }
 
-/// `top --tier growth`: no allocator probes, only the page faults of the target (so a
-/// statically linked program or one without libc is fine).
+/// `top --tier growth` or `mapped`: no allocator probes, only the page faults or the
+/// mappings of the target (so a statically linked program or one without libc is fine).
 fn run_growth(args: TopArgs, options: TracerOptions) -> Result<ExitCode> {
     let (traced, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => {
@@ -195,13 +195,19 @@ fn run_growth(args: TopArgs, options: TracerOptions) -> Result<ExitCode> {
     };
     let pid = traced.pid();
     let mut tracer = Tracer::load(&options)?;
-    tracer.enable_growth()?;
+    match args.tier {
+        Tier::Mapped => tracer.enable_mapped()?,
+        _ => tracer.enable_growth()?,
+    }
     tracer.watch_process(pid)?;
     let mut resolver = Resolver::new(pid);
     if let Traced::Running { .. } = traced {
         resolver.refresh_map();
     }
-    eprintln!("memtrace: counting the page faults that populate new memory in pid {pid}");
+    match args.tier {
+        Tier::Mapped => eprintln!("memtrace: following the anonymous mappings of pid {pid}"),
+        _ => eprintln!("memtrace: counting the page faults that populate new memory in pid {pid}"),
+    }
     install_interrupt_handler();
     if let Traced::Child(child) = &traced {
         child.resume();
@@ -214,6 +220,7 @@ fn read(args: &TopArgs, tracer: &mut Tracer, tgids: &HashSet<u32>) -> Result<Sna
     match args.tier {
         Tier::Exact => tracer.snapshot(tgids),
         Tier::Growth => tracer.growth_snapshot(|key| tgids.contains(&key.tgid)),
+        Tier::Mapped => tracer.mapped_snapshot(|key| tgids.contains(&key.tgid)),
     }
 }
 

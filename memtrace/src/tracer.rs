@@ -178,6 +178,8 @@ pub struct Tracer {
     /// (new probes on a file whose old ones are being removed missed events for a second
     /// or two here).
     idle_since: HashMap<FileId, std::time::Instant>,
+    /// The always-on tier's mmap programs are attached (`crate::mapped`).
+    pub(crate) mapped_attached: bool,
     /// The thread closing detached links, and its channel.
     detacher: Option<(
         std::sync::mpsc::Sender<UProbeLink>,
@@ -228,6 +230,7 @@ impl Tracer {
             shared_users: HashMap::new(),
             pid_files: HashMap::new(),
             idle_since: HashMap::new(),
+            mapped_attached: false,
             detacher: None,
         })
     }
@@ -813,6 +816,11 @@ fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
     use memtrace_common::{lifecycle, programs};
     [
         (programs::PAGE_FAULT_USER, "page_fault_user"),
+        (
+            programs::MAPPED_UNMAPPED_AREA,
+            programs::UNMAPPED_AREA_TRACEPOINT,
+        ),
+        (programs::MAPPED_MMAP_LOCK, programs::MMAP_LOCK_TRACEPOINT),
         (lifecycle::EXEC_PROGRAM, lifecycle::EXEC_TRACEPOINT),
         (lifecycle::EXIT_PROGRAM, lifecycle::EXIT_TRACEPOINT),
         (lifecycle::FORK_PROGRAM, lifecycle::FORK_TRACEPOINT),

@@ -1,7 +1,9 @@
 //! The always-on tier in the agent: every watched container is followed without any
 //! allocator probe. Per container it keeps the anonymous memory of its processes (RssAnon)
-//! as a series for the leak detector, which decides escalation, and the pages its stacks
-//! populated (page faults, see [`crate::growth`]), which say where it grows.
+//! as a series for the leak detector, which decides escalation, the pages its stacks
+//! populated (page faults, see [`crate::growth`]), which say where it grows, and, where the
+//! kernel allows it, its anonymous mappings outstanding per stack (see [`crate::mapped`]),
+//! each stack judged by the same detector.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Instant,
@@ -26,21 +28,53 @@ pub struct Observed {
     pub sites: Vec<GrowthSite>,
     /// Every growth stack per container (by container label), for pprof and flame graphs.
     pub profiles: BTreeMap<String, Vec<ProfileSample>>,
+    /// Outstanding mapped bytes per stack and container, for pprof and flame graphs.
+    pub mapped_profiles: BTreeMap<String, Vec<ProfileSample>>,
 }
+
+/// Mapped-memory stacks followed per container (the smallest new ones are not).
+const MAPPED_STACKS_PER_CONTAINER: usize = 256;
 
 /// Growth sites kept per container in the API.
 const SITES_PER_CONTAINER: usize = 5;
 
-/// One stack that populated new memory, as `/api/v1/growth` shows it.
+/// One stack that populated new memory (`source` `page_faults`) or holds anonymous
+/// mappings (`mapped`), as `/api/v1/growth` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct GrowthSite {
     #[serde(flatten)]
     pub labels: ContainerLabels,
+    pub source: &'static str,
     pub stack_id: String,
     pub site: String,
-    /// Bytes of the pages this stack populated since it was first seen.
-    pub populated_bytes: u64,
+    /// Bytes of the pages this stack populated since it was first seen (page faults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub populated_bytes: Option<u64>,
+    /// Bytes this stack mapped and has not unmapped (mappings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_bytes: Option<u64>,
+    /// The leak detector's verdict on `mapped_bytes` over time (mappings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assessment: Option<SiteAssessment>,
     pub frames: Vec<Frame>,
+}
+
+/// The detector's view of one mapped-memory stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteAssessment {
+    pub suspect: bool,
+    pub score: f64,
+    pub growth_bytes_per_second: f64,
+    /// Mean age of its live mappings.
+    pub mean_age_seconds: Option<f64>,
+}
+
+/// One stack's mapped bytes over time.
+struct MappedStack {
+    series: Series,
+    assessment: Assessment,
+    mean_age: Option<f64>,
+    seen: bool,
 }
 
 struct Container {
@@ -59,6 +93,8 @@ pub struct Watch {
     processes: BTreeMap<u32, (u64, Resolver)>,
     /// Populated bytes counted so far per process (for the counter's increments).
     populated: HashMap<u32, u64>,
+    /// Mapped-memory stacks per (container, stack id).
+    mapped: HashMap<(u64, String), MappedStack>,
 }
 
 impl Watch {
@@ -69,6 +105,7 @@ impl Watch {
             containers: HashMap::new(),
             processes: BTreeMap::new(),
             populated: HashMap::new(),
+            mapped: HashMap::new(),
         }
     }
 
@@ -111,6 +148,11 @@ impl Watch {
             if let Err(e) = tracer.forget_growth(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
+            if tracer.mapped_enabled()
+                && let Err(e) = tracer.forget_mapped(pid)
+            {
+                log::warn!("freeing the mapping entries of pid {pid}: {e:#}");
+            }
         }
         for (&pid, (cgroup_id, _)) in wanted {
             self.processes.entry(pid).or_insert_with(|| {
@@ -146,6 +188,7 @@ impl Watch {
             if let Some(container) = self.containers.remove(&id) {
                 tracer.unwatch_cgroup(id);
                 metrics.retire_watched(&container.labels);
+                self.mapped.retain(|(cgroup_id, _), _| *cgroup_id != id);
             }
         }
         let t = self.started.elapsed().as_secs_f64();
@@ -189,7 +232,11 @@ impl Watch {
                 .with_label_values(&container.labels.values())
                 .set(bytes as i64);
         }
-        self.growth_sites(tracer, symbolizer, metrics)
+        let mut observed = self.growth_sites(tracer, symbolizer, metrics);
+        if tracer.mapped_enabled() {
+            self.mapped_sites(tracer, symbolizer, metrics, t, &mut observed);
+        }
+        observed
     }
 
     /// Whether container `id`'s memory grows the way a leak does.
@@ -244,15 +291,15 @@ impl Watch {
                 .entry((stack.key.cgroup_id, stack_id.clone()))
                 .or_insert_with(|| GrowthSite {
                     labels: container.labels.clone(),
+                    source: "page_faults",
                     stack_id,
-                    site: frames
-                        .first()
-                        .map(Frame::site)
-                        .unwrap_or_else(|| "[no stack]".into()),
-                    populated_bytes: 0,
+                    site: site_of(&frames),
+                    populated_bytes: Some(0),
+                    mapped_bytes: None,
+                    assessment: None,
                     frames,
                 });
-            site.populated_bytes += bytes;
+            *site.populated_bytes.get_or_insert(0) += bytes;
         }
         metrics
             .map_entries
@@ -289,24 +336,177 @@ impl Watch {
                 .or_default()
                 .push(ProfileSample {
                     frames: site.frames.clone(),
-                    bytes: site.populated_bytes,
-                    count: site.populated_bytes / crate::tracer::page_size(),
+                    bytes: site.populated_bytes.unwrap_or(0),
+                    count: site.populated_bytes.unwrap_or(0) / crate::tracer::page_size(),
                 });
         }
-        let mut sites: Vec<GrowthSite> = sites.into_values().collect();
-        sites.sort_by(|a, b| {
-            b.populated_bytes
-                .cmp(&a.populated_bytes)
-                .then(a.stack_id.cmp(&b.stack_id))
+        let sites = top_sites(sites.into_values().collect(), |s| {
+            s.populated_bytes.unwrap_or(0)
         });
-        let mut kept: HashMap<String, usize> = HashMap::new();
-        sites.retain(|site| {
-            let n = kept.entry(site.labels.container.clone()).or_default();
-            *n += 1;
-            *n <= SITES_PER_CONTAINER
-        });
-        Observed { sites, profiles }
+        Observed {
+            sites,
+            profiles,
+            mapped_profiles: BTreeMap::new(),
+        }
     }
+
+    /// Reads the mapped bytes of the watched containers' stacks, pushes each stack's
+    /// outstanding bytes to its series, judges it, and adds the top stacks (suspects
+    /// first) to what is published.
+    fn mapped_sites(
+        &mut self,
+        tracer: &mut Tracer,
+        symbolizer: &mut Symbolizer,
+        metrics: &Metrics,
+        t: f64,
+        observed: &mut Observed,
+    ) {
+        let watched: HashSet<u64> = self.containers.keys().copied().collect();
+        let snapshot = match tracer.mapped_snapshot(|key| watched.contains(&key.cgroup_id)) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                log::warn!("reading the mmap view's maps: {e:#}");
+                return;
+            }
+        };
+        for (_, resolver) in self.processes.values_mut() {
+            resolver.learn(&snapshot.stacks, symbolizer);
+        }
+        // Stacks are merged per container across its processes.
+        struct Sum {
+            bytes: i64,
+            count: i64,
+            live: u64,
+            live_ms: u64,
+            frames: Vec<Frame>,
+        }
+        let mut sums: HashMap<(u64, String), Sum> = HashMap::new();
+        for stack in &snapshot.stacks {
+            let Some((_, resolver)) = self.processes.get(&stack.key.tgid) else {
+                continue;
+            };
+            let (stack_id, frames) = resolver.stack(stack, symbolizer);
+            let sum = sums
+                .entry((stack.key.cgroup_id, stack_id))
+                .or_insert_with(|| Sum {
+                    bytes: 0,
+                    count: 0,
+                    live: 0,
+                    live_ms: 0,
+                    frames,
+                });
+            sum.bytes += stack.usage.outstanding_bytes;
+            sum.count += stack.usage.outstanding_count;
+            sum.live += stack.usage.live_blocks;
+            sum.live_ms += stack.usage.live_time_ms_sum;
+        }
+        let now_ms = crate::agent::monotonic_ms();
+        let mut per_container: HashMap<u64, (usize, i64)> = HashMap::new();
+        for stack in self.mapped.values_mut() {
+            stack.seen = false;
+        }
+        let mut sites = Vec::new();
+        let mut keys: Vec<&(u64, String)> = sums.keys().collect();
+        // The largest first, so that a full container keeps its largest stacks.
+        keys.sort_by_key(|k| std::cmp::Reverse(sums[*k].bytes));
+        for key in keys {
+            let sum = &sums[key];
+            let Some(container) = self.containers.get(&key.0) else {
+                continue;
+            };
+            let (stacks, bytes) = per_container.entry(key.0).or_default();
+            *bytes += sum.bytes.max(0);
+            if !self.mapped.contains_key(key) && *stacks >= MAPPED_STACKS_PER_CONTAINER {
+                continue;
+            }
+            *stacks += 1;
+            let mean_age =
+                (sum.live > 0).then(|| (now_ms - sum.live_ms as f64 / sum.live as f64) / 1000.0);
+            let stack = self
+                .mapped
+                .entry(key.clone())
+                .or_insert_with(|| MappedStack {
+                    series: Series::new(),
+                    assessment: Assessment::default(),
+                    mean_age: None,
+                    seen: true,
+                });
+            stack.seen = true;
+            stack.mean_age = mean_age;
+            stack.series.push(
+                Point {
+                    t,
+                    bytes: sum.bytes.max(0) as f64,
+                    mean_age,
+                },
+                &self.detector,
+            );
+            stack.assessment = stack.series.assess(&self.detector);
+            sites.push(GrowthSite {
+                labels: container.labels.clone(),
+                source: "mapped",
+                stack_id: key.1.clone(),
+                site: site_of(&sum.frames),
+                populated_bytes: None,
+                mapped_bytes: Some(sum.bytes.max(0) as u64),
+                assessment: Some(SiteAssessment {
+                    suspect: stack.assessment.suspect,
+                    score: stack.assessment.score,
+                    growth_bytes_per_second: stack.assessment.growth_bytes_per_second,
+                    mean_age_seconds: stack.mean_age,
+                }),
+                frames: sum.frames.clone(),
+            });
+        }
+        // Stacks of gone processes: their series end.
+        self.mapped.retain(|_, stack| stack.seen);
+        for (id, container) in &self.containers {
+            let bytes = per_container.get(id).map_or(0, |(_, bytes)| *bytes);
+            metrics
+                .mapped_bytes
+                .with_label_values(&container.labels.values())
+                .set(bytes);
+        }
+        for site in &sites {
+            let bytes = site.mapped_bytes.unwrap_or(0);
+            if bytes > 0 {
+                observed
+                    .mapped_profiles
+                    .entry(site.labels.container.clone())
+                    .or_default()
+                    .push(ProfileSample {
+                        frames: site.frames.clone(),
+                        bytes,
+                        count: 1,
+                    });
+            }
+        }
+        // Suspects first, then the largest.
+        let suspect = |s: &GrowthSite| s.assessment.as_ref().is_some_and(|a| a.suspect);
+        let mut sites = top_sites(sites, |s| {
+            u64::from(suspect(s)) << 63 | s.mapped_bytes.unwrap_or(0)
+        });
+        observed.sites.append(&mut sites);
+    }
+}
+
+fn site_of(frames: &[Frame]) -> String {
+    frames
+        .first()
+        .map(Frame::site)
+        .unwrap_or_else(|| "[no stack]".into())
+}
+
+/// The `SITES_PER_CONTAINER` sites of each container that rank highest by `rank`.
+fn top_sites(mut sites: Vec<GrowthSite>, rank: impl Fn(&GrowthSite) -> u64) -> Vec<GrowthSite> {
+    sites.sort_by(|a, b| rank(b).cmp(&rank(a)).then(a.stack_id.cmp(&b.stack_id)));
+    let mut kept: HashMap<String, usize> = HashMap::new();
+    sites.retain(|site| {
+        let n = kept.entry(site.labels.container.clone()).or_default();
+        *n += 1;
+        *n <= SITES_PER_CONTAINER
+    });
+    sites
 }
 
 /// Anonymous memory of a cgroup v2 directory (`anon` in its `memory.stat`), when its memory

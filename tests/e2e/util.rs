@@ -89,6 +89,7 @@ const FIXTURES: &[&str] = &[
     "churn",
     "forker",
     "pages",
+    "mapped",
     "uprobe_page",
     "placement",
 ];

@@ -66,6 +66,10 @@ pub fn run(root: &Path, only: Option<Part>) -> Result<()> {
         guarded("pages", &target_dir.join("bench-pages.md"), || {
             crate::bench_pages::run(root, &target_dir)
         })?;
+        // The mmap view on a program of large blocks, with `--only pages` too.
+        guarded("mapped", &target_dir.join("bench-mapped.md"), || {
+            crate::bench_mapped::run(root, &target_dir)
+        })?;
     }
     // Django requests/s untraced and per `--python` mode.
     if wanted(Part::Django) {

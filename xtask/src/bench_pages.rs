@@ -61,7 +61,7 @@ impl PagesTiming {
     }
 }
 
-fn page_size() -> Result<u64> {
+pub(crate) fn page_size() -> Result<u64> {
     let out = Command::new("getconf").arg("PAGESIZE").output()?;
     String::from_utf8_lossy(&out.stdout)
         .trim()

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_agent;
 mod bench_django;
+mod bench_mapped;
 mod bench_pages;
 mod bench_python;
 mod bench_quiet;

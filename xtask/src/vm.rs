@@ -118,12 +118,26 @@ const CHECKS: &[&str] = &[
     "tracepoint_rss_stat",
     "tracepoint_sched_process_exec",
     "lifecycle_events",
+    "mapped_view",
 ];
 
-/// Programs memtrace runs without when the kernel refuses them (exec/fork/exit events: the
-/// agent then finds processes by its periodic rescan alone). Their verdict is the
-/// `lifecycle_events` column, not `verifier`.
-const OPTIONAL_PROGRAMS: &[&str] = &["lifecycle_exec", "lifecycle_exit", "lifecycle_fork"];
+/// Programs memtrace runs without when the kernel refuses them: exec/fork/exit events (the
+/// agent then finds processes by its periodic rescan alone), and the always-on tier's mmap
+/// view (5.10 lacks its `mmap_lock_acquire_returned` tracepoint; it needs
+/// `bpf_task_pt_regs`, 5.15). Their verdicts are columns of their own, not `verifier`.
+const OPTIONAL_GROUPS: &[(&str, &[&str])] = &[
+    (
+        "lifecycle_events",
+        &["lifecycle_exec", "lifecycle_exit", "lifecycle_fork"],
+    ),
+    ("mapped_view", &["mapped_unmapped_area", "mapped_mmap_lock"]),
+];
+
+fn is_optional(program: &str) -> bool {
+    OPTIONAL_GROUPS
+        .iter()
+        .any(|(_, programs)| programs.contains(&program))
+}
 
 pub fn run(root: &Path, only: &[String]) -> Result<()> {
     ensure_debian_packages(&[
@@ -509,7 +523,9 @@ impl Guest {
         let report: Option<serde_json::Value> =
             check.and_then(|s| serde_json::from_str(s.stdout.trim()).ok());
         verdicts.insert("verifier", verifier_verdict(check, report.as_ref()));
-        verdicts.insert("lifecycle_events", lifecycle_verdict(report.as_ref()));
+        for (column, programs) in OPTIONAL_GROUPS {
+            verdicts.insert(column, optional_verdict(report.as_ref(), programs));
+        }
         for feature in CHECKS
             .iter()
             .filter(|c| c.starts_with("tracepoint_") || **c == "bpf_ringbuf")
@@ -584,7 +600,7 @@ fn verifier_verdict(check: Option<&Section>, report: Option<&serde_json::Value>)
     let programs = report["programs"].as_array().cloned().unwrap_or_default();
     let failed: Vec<String> = programs
         .iter()
-        .filter(|p| !OPTIONAL_PROGRAMS.contains(&p["name"].as_str().unwrap_or("")))
+        .filter(|p| !is_optional(p["name"].as_str().unwrap_or("")))
         .filter(|p| p["loaded"].as_bool() != Some(true))
         .map(|p| {
             format!(
@@ -603,14 +619,14 @@ fn verifier_verdict(check: Option<&Section>, report: Option<&serde_json::Value>)
     }
 }
 
-/// Whether the exec/fork/exit event programs pass this kernel's verifier.
-fn lifecycle_verdict(report: Option<&serde_json::Value>) -> Verdict {
+/// Whether a group of optional programs passes this kernel's verifier.
+fn optional_verdict(report: Option<&serde_json::Value>, optional: &[&str]) -> Verdict {
     let Some(programs) = report.and_then(|r| r["programs"].as_array()) else {
         return Verdict::Fail("`memtrace check` gave no program verdicts".into());
     };
     let refused: Vec<String> = programs
         .iter()
-        .filter(|p| OPTIONAL_PROGRAMS.contains(&p["name"].as_str().unwrap_or("")))
+        .filter(|p| optional.contains(&p["name"].as_str().unwrap_or("")))
         .filter(|p| p["loaded"].as_bool() != Some(true))
         .map(|p| {
             format!(
