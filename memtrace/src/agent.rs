@@ -1258,6 +1258,7 @@ fn start_pods(
             .node_name
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok()),
+        timeout: args.kube_timeout,
     };
     let notify = move || {
         let _ = wake.send(Wake::Discover);

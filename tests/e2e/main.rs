@@ -40,6 +40,7 @@ mod least_privilege;
 mod munmap;
 mod nested;
 mod pods_churn;
+mod pods_faults;
 mod pods_labels;
 mod pods_libc;
 mod python_agent;
