@@ -434,7 +434,11 @@ impl Agent {
             Ok(_) => {}
             Err(e) => log::warn!("sweeping freed live-block entries: {e:#}"),
         }
-        let snapshot = self.tracer.snapshot(&tgids)?;
+        let mut snapshot = self.tracer.snapshot(&tgids)?;
+        // Processes of v1-only containers (hybrid hosts): by container, not shared cgroup.
+        let v1_keys =
+            crate::hybrid::v1_keys(self.processes.iter().map(|(pid, p)| (pid, p.cgroup_id)));
+        crate::hybrid::rekey(&mut snapshot, &v1_keys);
         for traced in self.processes.values_mut() {
             traced
                 .resolver
@@ -442,7 +446,8 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
-        let python = self.tracer.python_stats(&tgids)?;
+        let mut python = self.tracer.python_stats(&tgids)?;
+        crate::hybrid::rekey_python(&mut python, &v1_keys);
         self.python_metrics.publish(
             &python,
             |cgroup_id| labels_of(&labels, cgroup_id),
