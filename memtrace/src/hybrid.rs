@@ -246,7 +246,12 @@ mod tests {
         let names: Vec<&str> = mounts.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names,
-            ["memory", "name=systemd", "cpu,cpuacct", "name=memtrace-e2e-7"]
+            [
+                "memory",
+                "name=systemd",
+                "cpu,cpuacct",
+                "name=memtrace-e2e-7"
+            ]
         );
         assert_eq!(mounts[0].dir, Path::new("/sys/fs/cgroup/memory"));
         assert!(v1_mounts("1 2 3:4 / / rw - ext4 /dev/vda rw\n").is_empty());
@@ -255,10 +260,7 @@ mod tests {
     #[test]
     fn v1_paths_have_keys_of_their_own() {
         let path = format!("memory:/kubepods/burstable/pod{UID}/{ID}");
-        assert_eq!(
-            split(&path),
-            Some(("memory", &path["memory:".len()..]))
-        );
+        assert_eq!(split(&path), Some(("memory", &path["memory:".len()..])));
         let key = key(&path).unwrap();
         assert!(is_v1_key(key));
         // The container decides, not the hierarchy it was found in.

@@ -41,6 +41,7 @@ mod munmap;
 mod nested;
 mod pods_churn;
 mod pods_faults;
+mod pods_hybrid;
 mod pods_labels;
 mod pods_libc;
 mod python_agent;
