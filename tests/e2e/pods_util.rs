@@ -288,6 +288,12 @@ fn respond(conn: &mut TcpStream, status: &str, body: &Value) {
     );
 }
 
+/// What a watch sends: an event, or a raw line.
+enum WatchLine {
+    Event(&'static str, FakePod),
+    Raw(String),
+}
+
 /// Serves one request and closes the connection.
 fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
@@ -374,27 +380,27 @@ fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
                 break;
             }
             // Events and raw lines after `sent`, in resource-version order.
-            let mut new: Vec<(u64, Option<(&'static str, FakePod)>, String)> = s
+            let mut new: Vec<(u64, WatchLine)> = s
                 .events
                 .iter()
                 .filter(|(rv, _, _)| *rv > sent)
-                .map(|(rv, kind, pod)| (*rv, Some((*kind, pod.clone())), String::new()))
+                .map(|(rv, kind, pod)| (*rv, WatchLine::Event(kind, pod.clone())))
                 .chain(
                     s.raw_lines
                         .iter()
                         .filter(|(rv, _)| *rv > sent)
-                        .map(|(rv, line)| (*rv, None, line.clone())),
+                        .map(|(rv, line)| (*rv, WatchLine::Raw(line.clone()))),
                 )
                 .collect();
-            new.sort_by_key(|(rv, _, _)| *rv);
+            new.sort_by_key(|(rv, _)| *rv);
             if !new.is_empty() {
                 drop(s);
-                for (rv, event, raw) in new {
+                for (rv, line) in new {
                     sent = rv;
-                    let line = match event {
-                        None => format!("{raw}\n"),
-                        Some((_, pod)) if !on_node(&pod) => continue,
-                        Some((kind, pod)) => {
+                    let line = match line {
+                        WatchLine::Raw(raw) => format!("{raw}\n"),
+                        WatchLine::Event(_, pod) if !on_node(&pod) => continue,
+                        WatchLine::Event(kind, pod) => {
                             format!("{}\n", json!({"type": kind, "object": pod.json(rv)}))
                         }
                     };
