@@ -70,6 +70,9 @@ impl Hierarchy {
 
     /// The processes in the cgroup at `path` (not its descendants).
     pub fn processes(&self, path: &str) -> Result<Vec<u32>> {
+        if crate::hybrid::split(path).is_some() {
+            anyhow::bail!("{path} is a cgroup v1 path (see hybrid::V1Container::processes)");
+        }
         let file = self.dir(path).join("cgroup.procs");
         let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())

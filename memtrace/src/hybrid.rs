@@ -317,6 +317,24 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_controller_holds_the_anonymous_memory() {
+        let dir = std::env::temp_dir().join(format!("memtrace-hybrid-mem-{}", std::process::id()));
+        let relative = format!("/kubepods/burstable/pod{UID}/{ID}");
+        let container = dir.join(relative.trim_start_matches('/'));
+        std::fs::create_dir_all(&container).unwrap();
+        std::fs::write(container.join("memory.stat"), "total_rss 4096\n").unwrap();
+        let mounts = [V1Mount {
+            dir: dir.clone(),
+            name: "memory".into(),
+        }];
+        let found = memory_dir_in(&mounts, &relative);
+        let elsewhere = memory_dir_in(&mounts, "/kubepods/besteffort");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found, Some(container));
+        assert_eq!(elsewhere, None);
+    }
+
+    #[test]
     fn rekeys_processes_of_v1_containers_only() {
         use crate::tracer::StackUsage;
         use memtrace_common::{ProcessTotals, Usage, UsageKey};
