@@ -8,7 +8,7 @@
 //! The processes are watched by the always-on tier only (`--probes escalate`): its
 //! `memtrace_anon_memory_bytes` series carries the labels, and no allocator probe is needed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::agent_util::*;
 use crate::pods_util::*;
@@ -132,12 +132,18 @@ fn pods_api_garbage() {
     // A pod added while the lists are garbage: labelled once they are not.
     api.add(web3.clone());
     api.set_mode(Mode::Healthy);
+    let healed = Instant::now();
     agent.wait_for("web-3 labelled after the lists heal", RECOVERY, |s| {
         [&web1, &web2, &web3]
             .iter()
             .all(|pod| labelled(s, pod))
             .then_some(())
     });
+    eprintln!(
+        "labels caught up {:?} after the lists healed ({} malformed answers counted)",
+        healed.elapsed(),
+        errors(&agent.scrape(), "malformed")
+    );
     let said = log_lines(&agent, "malformed");
     assert_eq!(
         said.len(),
@@ -181,10 +187,10 @@ fn pods_api_hang() {
     // Healthy quiet watches end before the timeout (the agent asks for 2 s, and the
     // server honours it): several of them pass without a single error.
     let watches = api.watches();
-    let deadline = std::time::Instant::now() + FEW_INTERVALS;
+    let deadline = Instant::now() + FEW_INTERVALS;
     while api.watches() < watches + 3 {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the agent does not renew its watches: {:?}",
             api.requests()
         );
@@ -210,10 +216,13 @@ fn pods_api_hang() {
 
     // The server hangs: open watches go silent, new requests are never answered.
     api.set_mode(Mode::Hanging);
+    let hung = Instant::now();
     api.add(web2.clone());
     agent.wait_for("a timeout counted", Duration::from_secs(30), |s| {
         (errors(s, "timeout") >= 1.0).then_some(())
     });
+    // For the record (not asserted: timing on a shared machine).
+    eprintln!("hang counted after {:?}", hung.elapsed());
     // It keeps serving, with the labels it knew; web-2 is watched under its id meanwhile.
     agent.wait_for("web-2 under its container id", FEW_INTERVALS, |s| {
         pod_value(
@@ -226,9 +235,15 @@ fn pods_api_hang() {
         .filter(|_| labelled(s, &web1))
     });
     api.set_mode(Mode::Healthy);
+    let healed = Instant::now();
     agent.wait_for("web-2 labelled after the hang", RECOVERY, |s| {
         (labelled(s, &web1) && labelled(s, &web2)).then_some(())
     });
+    eprintln!(
+        "labels caught up {:?} after the server healed ({} timeouts counted)",
+        healed.elapsed(),
+        errors(&agent.scrape(), "timeout")
+    );
     let said = log_lines(&agent, "no answer within 3s");
     assert_eq!(said.len(), 1, "one line for the hang\n{}", agent.stderr());
     assert!(
