@@ -3,7 +3,11 @@
 //! `5:memory:/kubepods/burstable/pod<UID>/<ID>`), while the unified (v2) hierarchy, the
 //! one whose id BPF records (`bpf_get_current_cgroup_id`), has no kubelet cgroups at all:
 //! every container process there sits in its runtime's cgroup, the same for all. So cgroup
-//! ids cannot tell such containers apart, and memtrace tells them apart per process:
+//! ids cannot tell such containers apart, and memtrace tells them apart per process. (runc
+//! 1.0 and later join the unified hierarchy too in hybrid mode, at the same path: their
+//! containers are found in v2 and never reach this module; older runtimes, and any that do
+//! not, do.)
+//!
 //!
 //! - discovery finds the containers in a v1 hierarchy (the same kubelet layout, parsed by
 //!   [`container`]) that the v2 hierarchy does not have, and names each by a *v1 path*,
