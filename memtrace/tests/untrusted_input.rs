@@ -16,6 +16,7 @@ use memtrace::{
     cgroup::{Hierarchy, Patterns, parse_proc_cgroup},
     container::{ContainerRef, Qos},
     elf::ElfFile,
+    hybrid,
     k8s::{PodIndex, PodInfo, labels, pod_info},
     process::{MemoryMap, resolve_in_root},
 };
@@ -123,6 +124,27 @@ proptest! {
     #[test]
     fn mountinfo_never_panics(bytes in mutated("mountinfo")) {
         let _ = Hierarchy::from_mountinfo(&String::from_utf8_lossy(&bytes));
+    }
+
+    #[test]
+    fn v1_mountinfo_never_panics(bytes in mutated("mountinfo")) {
+        for mount in hybrid::v1_mounts(&String::from_utf8_lossy(&bytes)) {
+            prop_assert!(!mount.name.is_empty());
+        }
+    }
+
+    /// v1 paths (hybrid hosts) come from cgroup names containers may choose: whatever they
+    /// are, a key is given only to a container's path, and never collides with cgroup ids.
+    #[test]
+    fn v1_paths_never_panic(path in "\\PC{0,200}", id in "[0-9a-f]{64}", uid in "[0-9a-f-]{36}") {
+        if let Some(key) = hybrid::key(&path) {
+            prop_assert!(hybrid::is_v1_key(key));
+            prop_assert!(memtrace::container::parse(&path).is_some());
+        }
+        let path = format!("memory:/kubepods/besteffort/pod{uid}/{id}");
+        let key = hybrid::key(&path);
+        prop_assert!(key.is_some_and(hybrid::is_v1_key), "{}", path);
+        prop_assert_eq!(key, hybrid::key(&format!("pids:/kubepods/besteffort/pod{uid}/{id}")));
     }
 
     #[test]
