@@ -3,7 +3,8 @@
 //! connections and never answers). In each case the real agent keeps running and serving
 //! `/metrics`, keeps the labels it knew, says what happened in one log line, counts it in
 //! `memtrace_kubernetes_errors_total{reason}`, and catches up (a pod added meanwhile gets
-//! its labels) once the server heals. A hang is bounded by `--kube-timeout`.
+//! its labels) once the server heals. A hang is bounded by `--kube-timeout`. Last, the
+//! server goes away for good: refused connections are counted apart.
 //!
 //! The processes are watched by the always-on tier only (`--probes escalate`): its
 //! `memtrace_anon_memory_bytes` series carries the labels, and no allocator probe is needed.
@@ -248,6 +249,18 @@ fn pods_api_hang() {
     assert_eq!(said.len(), 1, "one line for the hang\n{}", agent.stderr());
     assert!(
         !log_lines(&agent, "Kubernetes API answers again").is_empty(),
+        "{}",
+        agent.stderr()
+    );
+
+    // The server goes away (connections refused): counted apart, labels kept.
+    drop(api);
+    agent.wait_for("a refused connection counted", FEW_INTERVALS, |s| {
+        (errors(s, "connection") >= 1.0 && labelled(s, &web1) && labelled(s, &web2)).then_some(())
+    });
+    assert_eq!(
+        log_lines(&agent, "cannot connect").len(),
+        1,
         "{}",
         agent.stderr()
     );
