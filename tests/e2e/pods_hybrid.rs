@@ -139,17 +139,27 @@ impl Drop for V1Hierarchy {
     }
 }
 
-/// Starts `shapes fixed N SIZE` in the v2 cgroup `v2` and the v1 cgroup `v1` (the shell
-/// moves itself into both, then execs the fixture).
+/// Starts `shapes fixed N SIZE` in the v2 cgroup `v2` and the v1 cgroup `v1`.
 fn start_hybrid(v2: &Cgroup, v1: &Path, leaks: u64, size: u64) -> Proc {
+    start_fixture(
+        v2,
+        v1,
+        "shapes",
+        &["fixed", &leaks.to_string(), &size.to_string()],
+    )
+}
+
+/// Starts fixture `name` in the v2 cgroup `v2` and the v1 cgroup `v1` (the shell moves
+/// itself into both, then execs the fixture) and waits for its `ready` line.
+fn start_fixture(v2: &Cgroup, v1: &Path, name: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"echo $$ > "$0" && echo $$ > "$1" && shift && exec "$@""#)
         .arg(v2.dir.join("cgroup.procs"))
         .arg(v1.join("cgroup.procs"))
-        .arg(fixture("shapes"))
-        .args(["fixed", &leaks.to_string(), &size.to_string()]);
-    let proc = Proc::spawn(format!("shapes in {}", v1.display()), cmd);
+        .arg(fixture(name))
+        .args(args);
+    let proc = Proc::spawn(format!("{name} in {}", v1.display()), cmd);
     proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
         l.starts_with("ready")
     });
@@ -272,6 +282,100 @@ fn pods_hybrid_cgroupfs_containers_apart() {
     );
     drop(agent);
     drop((a, b));
+    drop(v1);
+    drop(cgroups);
+}
+
+/// Escalation is per container there too: of two v1-only containers sharing one v2 cgroup,
+/// only the growing one gets allocator probes (on its process alone), and the steady one
+/// is never escalated.
+#[test]
+fn pods_hybrid_escalates_one_container() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("hybrid-escalate");
+    let shared = cgroups.create("runtime");
+    let mut v1 = V1Hierarchy::mount();
+    let grower = FakePod::new(
+        "shop",
+        "grower",
+        &pod_uid(71),
+        &[("app", &container_id(71))],
+    );
+    let steady = FakePod::new(
+        "shop",
+        "steady",
+        &pod_uid(72),
+        &[("app", &container_id(72))],
+    );
+    let mut dirs = Vec::new();
+    for (pod, n) in [(&grower, 71), (&steady, 72)] {
+        dirs.push(v1.create_all(&format!(
+            "kubepods/besteffort/pod{}/{}",
+            pod.uid,
+            container_id(n)
+        )));
+    }
+    let api = FakeApiServer::start(&[grower.clone(), steady.clone()]);
+    // 16 new pages every 20 ms (~3 MiB/s), and a process that allocates nothing more.
+    let growing = start_fixture(&shared, &dirs[0], "pages", &["100000", "20"]);
+    let quiet = start_hybrid(&shared, &dirs[1], 1, 64);
+    assert_eq!(cgroup_of(growing.pid()), cgroup_of(quiet.pid()));
+
+    let agent = start_pod_agent(
+        &api,
+        &["--probes", "escalate", "--escalate-for", "30s"],
+        &[],
+    );
+    agent.wait_ready();
+    let labels = |pod: &FakePod| {
+        [
+            ("namespace", "shop".to_string()),
+            ("pod", pod.name.clone()),
+            ("container", "app".to_string()),
+        ]
+    };
+    let value = |s: &Scrape, name: &str, pod: &FakePod| {
+        let l = labels(pod);
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        s.value(name, &l)
+    };
+    agent.wait_for(
+        "the growing container escalated",
+        Duration::from_secs(60),
+        |s| {
+            (value(s, "memtrace_escalated", &grower) == Some(1.0)
+                && s.value("memtrace_traced_processes", &[]) == Some(1.0))
+            .then_some(())
+        },
+    );
+    // The exact tier counts the grower's pages (its mmaps) under its pod.
+    agent.wait_for("the grower's outstanding bytes", FEW_INTERVALS, |s| {
+        value(s, "memtrace_outstanding_bytes", &grower).filter(|v| *v > 0.0)
+    });
+    let scrape = agent.scrape();
+    assert_eq!(
+        value(&scrape, "memtrace_escalated", &steady),
+        Some(0.0),
+        "the steady container shares the grower's v2 cgroup, not its escalation\n{}",
+        scrape.memtrace_lines()
+    );
+    assert_eq!(
+        value(&scrape, "memtrace_outstanding_bytes", &steady),
+        None,
+        "{}",
+        scrape.memtrace_lines()
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains(&format!("tracing pid {} (", growing.pid())),
+        "{}",
+        agent.stderr()
+    );
+    drop(agent);
+    drop((growing, quiet));
     drop(v1);
     drop(cgroups);
 }
