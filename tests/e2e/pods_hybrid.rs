@@ -1,7 +1,7 @@
 //! Hybrid hosts whose kubelet uses the cgroupfs driver (issue 5): container cgroups exist
 //! only in v1 hierarchies, and every container process shares one v2 cgroup (the one BPF
 //! sees). The test mounts a named v1 hierarchy of its own (`name=memtrace-e2e-<pid>`, no
-//! controller), creates kubelet cgroupfs-style container cgroups in it
+//! controller; `<pid>-<test>` in fact), creates kubelet cgroupfs-style container cgroups in it
 //! (`/kubepods/burstable/pod<UID>/<ID>`), and moves two fixture processes into two of
 //! them while both stay in the same v2 cgroup: exactly the hybrid case. Their series must
 //! be apart and labelled by their pods, in the exact tier (outstanding bytes) and in the
@@ -35,8 +35,10 @@ struct V1Hierarchy {
 }
 
 impl V1Hierarchy {
-    fn mount() -> V1Hierarchy {
-        let name = format!("memtrace-e2e-{}", std::process::id());
+    /// Mounts `name=memtrace-e2e-<pid>-<tag>` (a name of its own per test: a hierarchy the
+    /// kernel is still freeing cannot be mounted again under its name).
+    fn mount(tag: &str) -> V1Hierarchy {
+        let name = format!("memtrace-e2e-{}-{tag}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let hierarchy = V1Hierarchy {
@@ -173,7 +175,7 @@ fn pods_hybrid_cgroupfs_containers_apart() {
 
     let mut cgroups = TestCgroups::new("hybrid");
     let shared = cgroups.create("runtime");
-    let mut v1 = V1Hierarchy::mount();
+    let mut v1 = V1Hierarchy::mount("hybrid");
     let small = FakePod::new("shop", "web-a", &pod_uid(61), &[("app", &container_id(61))]);
     let big = FakePod::new(
         "shop",
@@ -296,7 +298,7 @@ fn pods_hybrid_escalates_one_container() {
 
     let mut cgroups = TestCgroups::new("hybrid-escalate");
     let shared = cgroups.create("runtime");
-    let mut v1 = V1Hierarchy::mount();
+    let mut v1 = V1Hierarchy::mount("escalate");
     let grower = FakePod::new(
         "shop",
         "grower",
