@@ -39,6 +39,8 @@ pub enum Mode {
     /// Connections are accepted and never answered; open watches go silent. When the mode
     /// ends, those connections are closed without an answer.
     Hanging,
+    /// Like `Hanging`, for lists only (watches are served).
+    HangingLists,
 }
 
 /// One pod of the fake cluster.
@@ -321,9 +323,16 @@ fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
     {
         let mut s = lock.lock().unwrap();
         s.requests.push(request_line.trim().to_owned());
-        if s.mode == Mode::Hanging {
+        let is_watch = target.contains("watch=true") || target.contains("watch=1");
+        let hang = match s.mode {
+            Mode::Hanging => true,
+            Mode::HangingLists => !is_watch,
+            _ => false,
+        };
+        if hang {
             // Accepted, never answered: hold the connection until the mode ends.
-            while s.mode == Mode::Hanging && !s.stopped {
+            let mode = s.mode;
+            while s.mode == mode && !s.stopped {
                 s = cvar.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
             }
             return;
