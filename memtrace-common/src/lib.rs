@@ -127,10 +127,13 @@ pub enum Counter {
     ReadFailed = 8,
     /// `FAULTS` was full: a page fault of the always-on tier went unattributed.
     FaultsFull = 9,
+    /// A shared probe fired in a process memtrace does not trace (it maps a probed file):
+    /// the BPF program returned at once, but that process paid the trap.
+    UntracedHit = 10,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::AllocsFull,
@@ -143,6 +146,7 @@ impl Counter {
         Counter::UnmatchedFree,
         Counter::ReadFailed,
         Counter::FaultsFull,
+        Counter::UntracedHit,
     ];
 
     /// The label userspace reports this counter under.
@@ -158,13 +162,14 @@ impl Counter {
             Counter::UnmatchedFree => "unmatched_free",
             Counter::ReadFailed => "user_read_failed",
             Counter::FaultsFull => "faults_map_full",
+            Counter::UntracedHit => "untraced_probe_hit",
         }
     }
 
     /// Whether this counter means memtrace lost information (a drop), as opposed to an
     /// event in the target worth reporting (an unmatched free).
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Counter::UnmatchedFree)
+        !matches!(self, Counter::UnmatchedFree | Counter::UntracedHit)
     }
 }
 

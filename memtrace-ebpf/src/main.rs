@@ -116,7 +116,12 @@ fn now_ns() -> u64 {
 fn is_traced(tgid: u32) -> bool {
     // SAFETY: a read-only global rewritten by the loader.
     let filter = unsafe { core::ptr::read_volatile(&FILTER_PROCESSES) };
-    filter == 0 || TRACED.get_ptr(&tgid).is_some()
+    if filter == 0 || TRACED.get_ptr(&tgid).is_some() {
+        return true;
+    }
+    // What shared probes cost bystanders, made visible (`memtrace_untraced_probe_hits_total`).
+    count(Counter::UntracedHit);
+    false
 }
 
 #[inline(always)]

@@ -14,8 +14,7 @@ use serde::Serialize;
 use memtrace_common::UsageKey;
 
 use crate::{
-    budget::{self, Budget, Verdict},
-    calibrate::{self, TrapCost},
+    budget::Enforcer,
     cgroup::{self, Hierarchy, Patterns},
     cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
@@ -76,6 +75,10 @@ struct TracedProcess {
     labels: ContainerLabels,
     /// When it was attached (CLOCK_MONOTONIC ns): an exec before that is already seen.
     attached_ns: u64,
+    /// Whether it runs CPython (its interpreter is probed).
+    python: bool,
+    /// Traced by pymalloc's pool refills only, its allocator probes off for the budget.
+    light: bool,
 }
 
 /// What wakes the agent between intervals.
@@ -168,15 +171,8 @@ pub struct Agent {
     last_lifecycle_drops: u64,
     wake_tx: mpsc::Sender<Wake>,
     wake_rx: mpsc::Receiver<Wake>,
-    /// The probes' calibrated cost, while it is being measured.
-    calibration: Option<mpsc::Receiver<Result<calibrate::Calibration>>>,
-    /// The CPU budget, once calibrated (never with `--max-overhead 0`).
-    budget: Option<Budget>,
-    /// Processes detached for their budget, and when they may be traced again.
-    over_budget: HashMap<u32, Instant>,
-    /// Containers with a published `memtrace_overhead_ratio`, removed once no process of
-    /// theirs has probes (a stale ratio would alert forever).
-    overhead_published: HashMap<u64, ContainerLabels>,
+    /// The CPU budget of the traced processes.
+    budget: Enforcer,
     /// The always-on tier (`None` when the kernel cannot run it).
     watch: Option<Watch>,
     escalation: Escalation,
@@ -224,30 +220,7 @@ impl Agent {
                 None
             }
         };
-        // Calibrated in the background (attaching and detaching takes seconds); the
-        // budget judges nobody until the figures are in.
-        let sample_bytes = args.sample_bytes;
-        let calibration = (args.max_overhead > 0.0).then(|| {
-            let (send, receive) = mpsc::channel();
-            std::thread::Builder::new()
-                .name("memtrace-calibrate".into())
-                .spawn(move || {
-                    let _ = send.send(calibrate::measure(sample_bytes));
-                })
-                .map(|_| receive)
-        });
-        let calibration = match calibration {
-            Some(Ok(receive)) => Some(receive),
-            Some(Err(e)) => {
-                log::warn!(
-                    "cannot start calibrating ({e}); the CPU budget assumes the fallback cost"
-                );
-                let (send, receive) = mpsc::channel();
-                let _ = send.send(Err(anyhow::anyhow!("not calibrated")));
-                Some(receive)
-            }
-            None => None,
-        };
+        let budget = Enforcer::start(args.max_overhead, args.sample_bytes, args.budget_retry);
         // With escalation the exact tier sees a container for --escalate-for at a time:
         // its stacks are judged over that much, or they could never cover the window.
         let exact_window = match args.probes {
@@ -304,10 +277,7 @@ impl Agent {
             last_lifecycle_drops: 0,
             wake_tx,
             wake_rx,
-            calibration,
-            budget: None,
-            over_budget: HashMap::new(),
-            overhead_published: HashMap::new(),
+            budget,
             watch,
             escalating,
             frozen: HashSet::new(),
@@ -551,16 +521,34 @@ impl Agent {
             return wanted;
         }
         let now = Instant::now();
+        // Pods annotated `memtrace.io/escalate: "true"` ask for the probes, growing or not.
+        let requested: HashSet<u64> = match &self.pods {
+            Some(pods) => ids
+                .iter()
+                .filter(|(path, _)| pods.escalation_requested(path))
+                .map(|(_, id)| *id)
+                .collect(),
+            None => HashSet::new(),
+        };
         let containers = watch.container_ids();
         for &id in &containers {
             let Some(labels) = watch.labels(id).cloned() else {
                 continue;
             };
-            match self.escalation.update(id, now, watch.growing(id)) {
+            let growing = watch.growing(id);
+            match self
+                .escalation
+                .update(id, now, growing || requested.contains(&id))
+            {
                 Some(Change::Started) => {
                     log::info!(
-                        "{}: memory grows; allocator probes on for {:?}",
+                        "{}: {}; allocator probes on for {:?}",
                         labels.container,
+                        if growing {
+                            "memory grows"
+                        } else {
+                            "its pod asks for probes (memtrace.io/escalate)"
+                        },
                         self.args.escalate_for
                     );
                     self.metrics
@@ -631,16 +619,19 @@ impl Agent {
                     .execs
                     .get(pid)
                     .is_some_and(|&at| at > self.processes[pid].attached_ns);
-                !wanted.contains_key(pid) || exec_since_attach || !process::exists(*pid)
+                // A process traced lightly for its budget gets every probe back (anew)
+                // once its time is up.
+                let budget_retry_due = self.processes[pid].light && !self.budget.is_detached(*pid);
+                !wanted.contains_key(pid)
+                    || exec_since_attach
+                    || budget_retry_due
+                    || !process::exists(*pid)
             })
             .collect();
         let now = Instant::now();
-        self.over_budget
-            .retain(|pid, until| now < *until && wanted.contains_key(pid));
+        self.budget.expire(now, |pid| wanted.contains_key(&pid));
         for &pid in &gone {
-            if let Some(budget) = &mut self.budget {
-                budget.forget(pid);
-            }
+            self.budget.forget(pid);
             self.processes.remove(&pid);
             self.tracer.untrace(pid);
             log::info!("pid {pid}: detached");
@@ -648,6 +639,9 @@ impl Agent {
         if !gone.is_empty() {
             if let Err(e) = self.tracer.forget_all(&gone) {
                 log::warn!("freeing the map entries of pids {gone:?}: {e:#}");
+            }
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&gone, &mut self.tracer);
             }
             self.last_totals.retain(|(_, tgid), _| !gone.contains(tgid));
             for pid in &gone {
@@ -657,12 +651,12 @@ impl Agent {
         self.failures.retain(|pid, _| wanted.contains_key(pid));
         for (pid, path) in wanted {
             if self.processes.contains_key(&pid)
-                || self.over_budget.contains_key(&pid)
+                || self.budget.is_detached(pid)
                 || self.failures.get(&pid).is_some_and(|f| now < f.retry_at)
             {
                 continue;
             }
-            match self.attach(pid, &path) {
+            match self.attach(pid, &path, false) {
                 Ok(traced) => {
                     self.failures.remove(&pid);
                     log::info!("tracing pid {pid} ({})", traced.labels.container);
@@ -705,9 +699,14 @@ impl Agent {
             .set(self.tracer.attached_probes() as i64);
     }
 
-    fn attach(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+    /// Attaches the probes to `pid`; `light`: only pymalloc's pool refills (a CPython
+    /// process whose allocator probes went over its budget).
+    fn attach(&mut self, pid: u32, cgroup_path: &str, light: bool) -> Result<TracedProcess> {
+        if light {
+            return self.attach_light(pid, cgroup_path);
+        }
         let attached_ns = (monotonic_ms() * 1e6) as u64;
-        let libc = process::libc_of_running(pid)?;
+        let libc = process::allocator_of_running(pid)?;
         // Read the map before the first allocation we count can be made and freed.
         let mut resolver = Resolver::new(pid);
         resolver.refresh_map();
@@ -720,18 +719,73 @@ impl Agent {
                 readable.display()
             );
         }
-        self.tracer.trace_shared(pid, &readable, libc.file)?;
+        // Escalation probes a few containers at a time, each process on its own: shared
+        // probes would also trap in every other process mapping the same file (replicas of
+        // the same image share it), unseen by the budget. Tracing everything
+        // (`--probes always`) shares one set per file: following hundreds of processes
+        // must not cost a probe removal (~0.1 s in the kernel) per process.
+        if self.escalating {
+            self.tracer.trace_process(pid, &readable)?;
+        } else {
+            self.tracer.trace_shared(pid, &readable, libc.file)?;
+        }
         // CPython: its frames in stacks, and its allocator probes of --python's mode.
         // Probes shared per interpreter file, like libc's, except in exact mode: untraced
         // processes mapping the same file would then trap on every object they allocate.
+        // An escalated container's processes get exact mode where it works (live objects).
         let shared = self.args.python != PythonMode::Exact;
-        PythonTarget::running(
+        let python = if self.escalating {
+            PythonTarget::escalated(&mut self.tracer, &mut resolver, pid, self.args.python)
+        } else {
+            PythonTarget::running(
+                &mut self.tracer,
+                &mut resolver,
+                pid,
+                self.args.python,
+                shared,
+            )
+        };
+        self.traced_process(
+            pid,
+            cgroup_path,
+            resolver,
+            attached_ns,
+            python.is_some(),
+            false,
+        )
+    }
+
+    /// A CPython process traced by pymalloc's pool refills only (Python growth mode, its
+    /// own probes, none on libc): a trap per 16 KiB pool of new objects, where a
+    /// Django-like process's allocator probes cost tens of percent of its CPU.
+    fn attach_light(&mut self, pid: u32, cgroup_path: &str) -> Result<TracedProcess> {
+        let attached_ns = (monotonic_ms() * 1e6) as u64;
+        let mut resolver = Resolver::new(pid);
+        resolver.refresh_map();
+        self.tracer.trace_pid(pid)?;
+        if PythonTarget::running(
             &mut self.tracer,
             &mut resolver,
             pid,
-            self.args.python,
-            shared,
-        );
+            PythonMode::Growth,
+            false,
+        )
+        .is_none()
+        {
+            anyhow::bail!("pid {pid}: its interpreter's pool refills cannot be probed");
+        }
+        self.traced_process(pid, cgroup_path, resolver, attached_ns, true, true)
+    }
+
+    fn traced_process(
+        &self,
+        pid: u32,
+        cgroup_path: &str,
+        resolver: Resolver,
+        attached_ns: u64,
+        python: bool,
+        light: bool,
+    ) -> Result<TracedProcess> {
         let cgroup_id = match &self.hierarchy {
             Some(h) => h
                 .id(cgroup_path)
@@ -748,112 +802,56 @@ impl Agent {
             cgroup_path: cgroup_path.to_owned(),
             labels,
             attached_ns,
+            python,
+            light,
         })
     }
 
     /// Judges every traced process against the CPU budget; detaches those over it.
     fn enforce_budget(&mut self, snapshot: &Snapshot, labels: &HashMap<u64, ContainerLabels>) {
-        if let Some(receive) = &self.calibration
-            && let Ok(measured) = receive.try_recv()
-        {
-            self.calibration = None;
-            let cost = measured.map(|c| c.cost).unwrap_or_else(|e| {
-                log::warn!(
-                    "calibrating the probes' cost failed ({e:#}); the CPU budget assumes {:?}",
-                    TrapCost::FALLBACK
-                );
-                TrapCost::FALLBACK
-            });
-            log::info!(
-                "probe cost per call: malloc {:.2} µs, free {:.2} µs; budget {}% of a process's CPU",
-                cost.alloc_ns / 1000.0,
-                cost.free_ns / 1000.0,
-                self.args.max_overhead
-            );
-            for (call, ns) in [("alloc", cost.alloc_ns), ("free", cost.free_ns)] {
-                self.metrics
-                    .probe_cost_seconds
-                    .with_label_values(&[call])
-                    .set(ns / 1e9);
-            }
-            self.budget = Some(Budget::new(self.args.max_overhead, cost));
-        }
-        let Some(budget) = &mut self.budget else {
-            return;
-        };
-        let mut by_process: HashMap<u32, (u64, i64)> = HashMap::new();
-        for (key, totals) in &snapshot.totals {
-            let entry = by_process.entry(key.tgid).or_default();
-            entry.0 += totals.allocations;
-            entry.1 += totals.outstanding_count;
-        }
-        let mut worst: HashMap<u64, f64> = HashMap::new();
-        let mut over = Vec::new();
-        for (&pid, traced) in &self.processes {
-            let (allocations, outstanding) = by_process.get(&pid).copied().unwrap_or_default();
-            let Some(cpu_ns) = budget::cpu_ns(pid) else {
-                continue; // Gone: the next discovery lets it go.
+        let traced: Vec<(u32, u64)> = self
+            .processes
+            .iter()
+            .map(|(pid, p)| (*pid, p.cgroup_id))
+            .collect();
+        let over = self.budget.judge(snapshot, &traced, labels, &self.metrics);
+        for pid in over {
+            let Some(detached) = self.processes.remove(&pid) else {
+                continue;
             };
-            let usage = budget::Usage {
-                allocations,
-                outstanding,
-                cpu_ns,
-            };
-            let ratio = match budget.judge(pid, usage) {
-                Verdict::Pending => continue,
-                Verdict::Within(ratio) => ratio,
-                Verdict::Over(ratio) => {
-                    over.push((pid, traced.cgroup_id, ratio));
-                    ratio
-                }
-            };
-            let worst = worst.entry(traced.cgroup_id).or_default();
-            *worst = worst.max(ratio);
-        }
-        for (cgroup_id, ratio) in worst {
-            let labels = labels_of(labels, cgroup_id);
-            self.metrics
-                .overhead_ratio
-                .with_label_values(&labels.values())
-                .set(ratio);
-            self.overhead_published.insert(cgroup_id, labels);
-        }
-        let retry_at = Instant::now() + self.args.budget_retry;
-        for (pid, cgroup_id, ratio) in over {
-            let labels = labels_of(labels, cgroup_id);
-            log::warn!(
-                "pid {pid} ({}): the probes cost ~{:.1}% of its CPU, over the budget of {}%: \
-                 detached for {:?}",
-                labels.container,
-                ratio * 100.0,
-                self.args.max_overhead,
-                self.args.budget_retry
-            );
-            self.metrics
-                .budget_detaches
-                .with_label_values(&labels.values())
-                .inc();
-            budget.forget(pid);
-            self.processes.remove(&pid);
             self.tracer.untrace(pid);
             if let Err(e) = self.tracer.forget(pid) {
                 log::warn!("freeing the map entries of pid {pid}: {e:#}");
             }
-            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
-            self.over_budget.insert(pid, retry_at);
-            self.metrics
-                .traced_processes
-                .set(self.processes.len() as i64);
-        }
-        let probed: HashSet<u64> = self.processes.values().map(|p| p.cgroup_id).collect();
-        let metrics = &self.metrics;
-        self.overhead_published.retain(|cgroup_id, labels| {
-            let keep = probed.contains(cgroup_id);
-            if !keep {
-                let _ = metrics.overhead_ratio.remove_label_values(&labels.values());
+            if let Some(watch) = &mut self.watch {
+                watch.restore_python(&HashSet::from([pid]), &mut self.tracer);
             }
-            keep
-        });
+            self.last_totals.retain(|(_, tgid), _| *tgid != pid);
+            // A CPython process keeps the cheapest probe that still names Python lines:
+            // pymalloc's pool refills (unless that is what went over).
+            let python_growth = matches!(self.args.python, PythonMode::Growth | PythonMode::Exact);
+            if detached.python && !detached.light && python_growth {
+                match self.attach(pid, &detached.cgroup_path, true) {
+                    Ok(light) => {
+                        log::info!(
+                            "pid {pid} ({}): CPython: traced by pymalloc's pool refills only \
+                             until its allocator probes come back",
+                            detached.labels.container
+                        );
+                        self.processes.insert(pid, light);
+                    }
+                    Err(e) => {
+                        self.tracer.untrace(pid);
+                        log::warn!("pid {pid}: {e:#}");
+                    }
+                }
+            }
+        }
+        self.metrics
+            .traced_processes
+            .set(self.processes.len() as i64);
+        let probed: HashSet<u64> = self.processes.values().map(|p| p.cgroup_id).collect();
+        self.budget.retire_ratios(&probed, &self.metrics);
     }
 
     /// Labels per cgroup id, from the traced processes in each (read once per interval):
@@ -1162,17 +1160,21 @@ impl Agent {
                 .with_label_values(&labels.values())
                 .set(bytes.max(0));
         }
-        for counter in memtrace_common::Counter::ALL
-            .into_iter()
-            .filter(|c| c.is_drop())
-        {
+        for counter in memtrace_common::Counter::ALL {
             let value = snapshot.counters[counter as usize];
             let delta = value.saturating_sub(self.last_counters[counter as usize]);
             self.last_counters[counter as usize] = value;
-            self.metrics
-                .dropped_events
-                .with_label_values(&[counter.name()])
-                .inc_by(delta);
+            match counter {
+                memtrace_common::Counter::UntracedHit => {
+                    self.metrics.untraced_probe_hits.inc_by(delta)
+                }
+                c if c.is_drop() => self
+                    .metrics
+                    .dropped_events
+                    .with_label_values(&[c.name()])
+                    .inc_by(delta),
+                _ => {}
+            }
         }
         let total = report::totals(snapshot, |_| true);
         self.metrics
@@ -1195,7 +1197,7 @@ impl Agent {
 
 /// The labels of a cgroup id, or a placeholder naming the id when no traced process is
 /// in it any more (a process that moved cgroups).
-fn labels_of(labels: &HashMap<u64, ContainerLabels>, cgroup_id: u64) -> ContainerLabels {
+pub(crate) fn labels_of(labels: &HashMap<u64, ContainerLabels>, cgroup_id: u64) -> ContainerLabels {
     labels
         .get(&cgroup_id)
         .cloned()

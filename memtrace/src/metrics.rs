@@ -41,6 +41,7 @@ pub struct Metrics {
     pub traced_processes: IntGauge,
     pub attached_probes: IntGauge,
     pub attach_errors: IntCounter,
+    pub untraced_probe_hits: IntCounter,
     pub evicted_stacks: IntCounter,
     pub tick_seconds: Gauge,
     pub overhead_ratio: GaugeVec,
@@ -130,6 +131,12 @@ impl Metrics {
                 "memtrace_attach_errors_total",
                 "Failed attempts to attach to a process (retried every interval).",
             )?,
+            untraced_probe_hits: IntCounter::new(
+                "memtrace_untraced_probe_hits_total",
+                "Allocator probe hits in processes memtrace does not trace: probes shared by \
+                 the processes of one libc file (--probes always) also trap in the file's other \
+                 users, a trap each (two for calls with a return probe).",
+            )?,
             evicted_stacks: IntCounter::new(
                 "memtrace_evicted_stacks_total",
                 "Stack series dropped because a container had more than --max-stacks.",
@@ -209,6 +216,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.evicted_stacks.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.untraced_probe_hits.clone()))?;
         metrics
             .registry
             .register(Box::new(metrics.tick_seconds.clone()))?;

@@ -14,7 +14,7 @@ use crate::{
     hybrid,
     k8s::{self, Kubernetes, Lookup, Notify},
     metrics::ContainerLabels,
-    policy::{PodFacts, Policy},
+    policy::{self, PodFacts, Policy},
 };
 
 /// How deep a `kubepods` root is looked for (`/kubepods.slice`, `/kubelet.slice/
@@ -78,6 +78,16 @@ impl PodDiscovery {
             Lookup::Deleted => false,
             Lookup::Unknown => self.policy.traces_unknown(),
         }
+    }
+
+    /// Whether the pod of a container cgroup asks for the allocator probes (its
+    /// `memtrace.io/escalate` annotation).
+    pub fn escalation_requested(&self, cgroup_path: &str) -> bool {
+        let Some(found) = container::parse(cgroup_path) else {
+            return false;
+        };
+        let index = self.kube.index.read().unwrap_or_else(|e| e.into_inner());
+        matches!(index.lookup(&found), Lookup::Known { pod, .. } if policy::asks_for_probes(&pod.annotations))
     }
 
     /// The labels of a container cgroup, as the API knows it now; `None` for a cgroup

@@ -10,6 +10,19 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 /// The per-pod annotation that opts a pod in (`"true"`) or out (`"false"`).
 pub const TRACE_ANNOTATION: &str = "memtrace.io/trace";
 
+/// The per-pod annotation that asks for the allocator probes (`"true"`) without waiting for
+/// the always-on tier to see the pod's memory grow (`--probes escalate`). Escalation's
+/// windows, back-off and the CPU budget still apply: an annotation left behind costs a
+/// window now and then, not probes for ever.
+pub const ESCALATE_ANNOTATION: &str = "memtrace.io/escalate";
+
+/// Whether a pod's annotations ask for the allocator probes ([`ESCALATE_ANNOTATION`]).
+pub fn asks_for_probes(annotations: &BTreeMap<String, String>) -> bool {
+    annotations
+        .get(ESCALATE_ANNOTATION)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
 /// What happens to a pod that no flag or annotation decides.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum TraceDefault {
@@ -258,6 +271,15 @@ mod tests {
         assert!(Selector::parse("").unwrap().is_empty());
         assert!(Selector::parse("a in x").is_err());
         assert!(Selector::parse("=b").is_err());
+    }
+
+    #[test]
+    fn the_escalate_annotation() {
+        assert!(asks_for_probes(&map(&[(ESCALATE_ANNOTATION, "true")])));
+        assert!(asks_for_probes(&map(&[(ESCALATE_ANNOTATION, " TRUE ")])));
+        assert!(!asks_for_probes(&map(&[(ESCALATE_ANNOTATION, "false")])));
+        assert!(!asks_for_probes(&map(&[(ESCALATE_ANNOTATION, "yes")])));
+        assert!(!asks_for_probes(&map(&[(TRACE_ANNOTATION, "true")])));
     }
 
     #[test]

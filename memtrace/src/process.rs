@@ -213,13 +213,20 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> std::io::Result<PathBuf> {
     Ok(root.join(resolved))
 }
 
-/// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
-pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
+/// The device and inode of the file at `path`, as `/proc/PID/maps` names them.
+pub fn file_id(path: &Path) -> std::io::Result<FileId> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     let dev = meta.dev();
-    let device = (libc::major(dev) as i32, libc::minor(dev) as i32);
-    Ok(device == file.device && meta.ino() == file.inode)
+    Ok(FileId {
+        device: (libc::major(dev) as i32, libc::minor(dev) as i32),
+        inode: meta.ino(),
+    })
+}
+
+/// Whether `path` is the file the kernel knows as `file` (a mapping's device and inode).
+pub fn is_file(path: &Path, file: FileId) -> std::io::Result<bool> {
+    Ok(file_id(path)? == file)
 }
 
 /// The libc this program itself runs on.
@@ -230,13 +237,31 @@ pub fn own_libc() -> Result<PathBuf> {
         .context("memtrace's own process maps no libc")
 }
 
+/// Whether an ELF file has an allocator of its own: it defines `malloc` and `free`. So do a
+/// statically linked program (its copy of the C library's) and one linked with an
+/// allocator that replaces malloc (tcmalloc, jemalloc built unprefixed): their calls never
+/// reach a shared libc's allocator, so that is not where to trace them.
+pub fn defines_allocator(elf: &ElfFile) -> bool {
+    elf.function("malloc").is_some() && elf.function("free").is_some()
+}
+
+/// The file whose allocator a program will use: the program itself if it has one of its
+/// own ([`defines_allocator`]), else the libc it loads ([`libc_of_program`]).
+pub fn allocator_of_program(program: &ElfFile) -> Result<PathBuf> {
+    if defines_allocator(program) {
+        return std::fs::canonicalize(program.path())
+            .with_context(|| format!("resolving {}", program.path().display()));
+    }
+    libc_of_program(program)
+}
+
 /// The libc a dynamically linked program will load, as its own dynamic loader resolves
 /// it (`ld.so --list`, what ldd does); memtrace's own libc if the loader cannot tell.
 pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
     let Some(interpreter) = program.interpreter() else {
         bail!(
-            "{} is statically linked: memtrace traces the allocator of a shared libc, \
-             and a static program has its own copy",
+            "{} is statically linked and has no allocator of its own (no malloc and free): \
+             nothing for memtrace's allocator probes",
             program.path().display()
         );
     };
@@ -269,28 +294,61 @@ pub fn libc_of_program(program: &ElfFile) -> Result<PathBuf> {
     own_libc()
 }
 
-/// The libc a running process has mapped, or a clear reason why there is none.
-pub fn libc_of_running(pid: u32) -> Result<Mapping> {
+/// The mapping of the file whose allocator a running process uses: its program's, if the
+/// program has one of its own ([`defines_allocator`]), else its libc's; or a clear reason
+/// why there is none.
+pub fn allocator_of_running(pid: u32) -> Result<Mapping> {
     if pid == 0 || !exists(pid) {
         bail!("no such process: PID {pid}");
     }
     let maps = MemoryMap::read(pid)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let exe = strip_deleted(exe);
+    if let Some(program) = maps.mappings().iter().find(|m| m.path == exe)
+        && has_own_allocator(pid, program)
+    {
+        return Ok(program.clone());
+    }
     if let Some(libc) = maps.libc_mapping() {
         return Ok(libc.clone());
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let is_static = in_root(pid, &exe)
-        .is_ok_and(|exe| ElfFile::open(&exe).is_ok_and(|elf| elf.interpreter().is_none()));
-    if is_static {
-        bail!(
-            "PID {pid} ({}) is statically linked: memtrace traces a shared libc's allocator",
-            exe.display()
-        );
-    }
     bail!(
-        "PID {pid} ({}) has no C library mapped: nothing for memtrace to trace",
+        "PID {pid} ({}) has no C library mapped and no allocator of its own (no malloc and \
+         free): nothing for memtrace's allocator probes",
         exe.display()
     )
+}
+
+/// [`defines_allocator`] for a process's program file, remembered per file: the answer
+/// never changes for a file, and reading a large program at every exec would be costly.
+fn has_own_allocator(pid: u32, program: &Mapping) -> bool {
+    use std::{collections::HashMap, sync::Mutex};
+    static KNOWN: Mutex<Option<HashMap<FileId, bool>>> = Mutex::new(None);
+    /// Distinct program files remembered (then forgotten all at once: a node runs fewer).
+    const MAX_KNOWN: usize = 4096;
+    if let Some(&known) = KNOWN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_default()
+        .get(&program.file)
+    {
+        return known;
+    }
+    let Ok(path) = in_root(pid, &program.path) else {
+        return false;
+    };
+    // Only the file the process maps (it may have been replaced on disk since).
+    if !is_file(&path, program.file).unwrap_or(false) {
+        return false;
+    }
+    let own = ElfFile::open(&path).is_ok_and(|elf| defines_allocator(&elf));
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let known = known.get_or_insert_default();
+    if known.len() >= MAX_KNOWN {
+        known.clear();
+    }
+    known.insert(program.file, own);
+    own
 }
 
 /// Finds `program` on `PATH` like a shell would, when it has no slash.

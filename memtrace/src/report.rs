@@ -40,6 +40,8 @@ pub struct Totals {
     pub freed_bytes: u64,
     pub outstanding_bytes: u64,
     pub outstanding_allocations: u64,
+    /// Allocation events counted (each one probe hit, or a pool refill in Python growth mode).
+    pub allocations: u64,
     pub dropped_events: u64,
     pub unmatched_frees: u64,
     /// Each drop counter by reason (only those that are not zero).
@@ -328,6 +330,7 @@ pub fn totals(snapshot: &Snapshot, keep: impl Fn(&ProcessKey) -> bool) -> Totals
         totals.allocated_bytes += t.allocated_bytes;
         totals.freed_bytes += t.freed_bytes;
         totals.unmatched_frees += t.unmatched_frees;
+        totals.allocations += t.allocations;
         outstanding += t.outstanding_bytes;
         count += t.outstanding_count;
     }

@@ -27,6 +27,12 @@ use crate::{
 
 /// How often the loop wakes to check for exit, the deadline and Ctrl-C.
 const TICK: Duration = Duration::from_millis(100);
+/// How often, and for how long after the start, an interpreter not configured yet is
+/// looked for.
+const PYTHON_TICK: Duration = Duration::from_millis(2);
+const PYTHON_EAGER_FOR: Duration = Duration::from_secs(10);
+/// How often a CPython target's new stacks have their code objects read.
+const PYTHON_LEARN_EVERY: Duration = Duration::from_millis(200);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -68,13 +74,13 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     let (traced, libc, command) = match (&args.pid, args.command.split_first()) {
         (Some(pid), None) => (
             Traced::Running { pid: *pid },
-            process::libc_of_running(*pid)?.path,
+            process::allocator_of_running(*pid)?.path,
             process::command_line(*pid),
         ),
         (None, Some((program, rest))) => {
             let program = process::find_program(program)?;
             launch::check_runnable(&program)?;
-            let libc = process::libc_of_program(&ElfFile::open(&program)?)?;
+            let libc = process::allocator_of_program(&ElfFile::open(&program)?)?;
             // Not from /proc: the child has not exec'd yet.
             let command = args.command.join(" ");
             program_path = Some(program.clone());
@@ -248,14 +254,21 @@ fn trace(
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
     let live = args.format == Format::Table && std::io::stdout().is_terminal();
     let mut next_refresh = started + interval;
+    let mut next_learn = started;
     let mut exit_note = None;
 
     loop {
         if INTERRUPTED.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
+        // Until the interpreter is configured, look for it often: a launched program maps
+        // libpython right after its exec, and its first Python code runs milliseconds
+        // later (a short script would be over before a 100 ms tick).
+        let python_pending = python.as_ref().is_some_and(|p| !p.is_configured())
+            && started.elapsed() < PYTHON_EAGER_FOR;
+        let tick = if python_pending { PYTHON_TICK } else { TICK };
         match &traced {
-            Traced::Child(child) => match child.events.recv_timeout(TICK) {
+            Traced::Child(child) => match child.events.recv_timeout(tick) {
                 Ok(ChildEvent::Exiting) => {
                     // Its address space is still there: resolve everything now.
                     resolver.refresh_map();
@@ -278,11 +291,17 @@ fn trace(
                     exit_note = Some(format!("pid {pid} exited"));
                     break;
                 }
-                std::thread::sleep(TICK);
+                std::thread::sleep(tick);
             }
         }
         if let Some(python) = python.as_mut().filter(|p| !p.is_configured()) {
             python.poll(tracer, &mut resolver);
+        }
+        // Python frames name code objects, read from the live process: learnt while it
+        // runs, since by the time it exits the interpreter has torn its modules down.
+        if python.as_ref().is_some_and(|p| p.is_configured()) && Instant::now() >= next_learn {
+            next_learn = Instant::now() + PYTHON_LEARN_EVERY;
+            resolver.learn(&read(args, tracer, &tgids)?.stacks, &mut symbolizer);
         }
         if Instant::now() >= next_refresh {
             next_refresh += interval;

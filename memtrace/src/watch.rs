@@ -73,6 +73,20 @@ impl Watch {
         }
     }
 
+    /// Sets up again the Python frames of the watched processes among `pids`, which the
+    /// exact tier just let go of (an escalation window over, a budget detach): letting go
+    /// deleted their Python configuration with the rest of their map entries, and their page
+    /// faults would lose their Python frames.
+    pub fn restore_python(&mut self, pids: &HashSet<u32>, tracer: &mut Tracer) {
+        for pid in pids {
+            if let Some((_, resolver)) = self.processes.get_mut(pid)
+                && crate::process::exists(*pid)
+            {
+                PythonTarget::frames_only(tracer, resolver, *pid);
+            }
+        }
+    }
+
     /// Follows `wanted` (pid → (cgroup id, labels)) for one interval: watches new
     /// containers' page faults, lets go of gone ones, and pushes each container's
     /// anonymous memory to its series. Returns what the API shows of it.

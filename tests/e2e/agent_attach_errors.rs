@@ -1,5 +1,5 @@
-//! A process the agent cannot trace (statically linked: no shared libc) is logged once,
-//! counted, retried with back-off, and does not stop the agent from tracing the others.
+//! A process the agent cannot trace (no C library, no allocator of its own) is logged
+//! once, counted, retried with back-off, and does not stop the agent from tracing the others.
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,15 +13,14 @@ fn agent_attach_errors() {
     require_root();
 
     let mut cgroups = TestCgroups::new("attach-errors");
-    let bad = cgroups.create("static");
+    let bad = cgroups.create("nolibc");
     let good = cgroups.create("app");
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"echo $$ > "$0" && exec "$@""#)
         .arg(bad.dir.join("cgroup.procs"))
-        .arg(static_fixture())
-        .arg("120");
-    let static_proc = Proc::spawn("static fixture", cmd);
+        .arg(nolibc_fixture());
+    let bad_proc = Proc::spawn("nolibc fixture", cmd);
     let app = start_shape(&good, &["fixed", "10", "1000"]);
 
     let agent = Agent::start(&[
@@ -43,7 +42,7 @@ fn agent_attach_errors() {
         },
     );
     assert!(errors >= 3.0);
-    let pid = static_proc.pid().to_string();
+    let pid = bad_proc.pid().to_string();
     // Logged when the quick retries of a just-started process are over.
     agent.proc.wait_for_line(
         Stream::Stderr,
@@ -58,14 +57,14 @@ fn agent_attach_errors() {
         .count();
     assert_eq!(logged, 1, "the failure must be logged once\n{stderr}");
     assert!(
-        stderr.contains("statically linked"),
+        stderr.contains("no allocator of its own"),
         "the log line must say why\n{stderr}"
     );
     assert_eq!(
         agent.scrape().value("memtrace_traced_processes", &[]),
         Some(1.0),
-        "only the dynamic process is traced"
+        "only the process with an allocator is traced"
     );
     drop(app);
-    drop(static_proc);
+    drop(bad_proc);
 }

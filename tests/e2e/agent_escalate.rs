@@ -1,7 +1,10 @@
 //! Escalation (`--probes escalate`): the always-on tier watches every container without
 //! allocator probes; a container whose memory keeps growing gets probes for
 //! `--escalate-for`, then loses them, keeping what was learned; a steady container never
-//! gets any. The growth sites come from page faults, with no probe at all.
+//! gets any. The growth sites come from page faults, with no probe at all. An escalated
+//! process gets probes of its own: no other process traps on them, while shared probes
+//! (`--probes always`) also trap in the untraced users of the same libc, which memtrace
+//! counts.
 
 use std::time::Duration;
 
@@ -23,7 +26,9 @@ fn escalation_attaches_and_detaches_on_schedule() {
     let steady_cg = cgroups.create("steady");
     // 16 new pages every 20 ms: ~3 MiB/s of anonymous memory, for a long while.
     let _grower = start_in_cgroup(&grower_cg, "pages", &["100000", "20"]);
-    let _steady = start_in_cgroup(&steady_cg, "waiter", &["5", "0", "16"]);
+    // malloc and free in a hot loop, no growth: never escalated, and a process that would
+    // trap on shared probes of the same libc.
+    let _steady = start_in_cgroup(&steady_cg, "busy", &["1", "0", "0"]);
 
     let agent = Agent::start(&[
         "--cgroup",
@@ -63,12 +68,21 @@ fn escalation_attaches_and_detaches_on_schedule() {
             .then_some(())
     });
     // The exact tier counts its leak while the window lasts.
-    agent.wait_for("exact outstanding bytes of the grower", WITHIN, |s| {
+    let scrape = agent.wait_for("exact outstanding bytes of the grower", WITHIN, |s| {
         (s.value("memtrace_outstanding_bytes", &grower)
             .unwrap_or(0.0)
-            > 0.0)
-            .then_some(())
+            > 0.0
+            && s.value("memtrace_escalated", &grower) == Some(1.0))
+        .then_some(s.clone())
     });
+    // Its probes are its own: the steady container's malloc loop, on the same libc file,
+    // never hit them (nor did any other process of this machine).
+    assert_eq!(
+        scrape.value("memtrace_untraced_probe_hits_total", &[]),
+        Some(0.0),
+        "an escalated process's probes trap in no other process\n{}",
+        scrape.memtrace_lines()
+    );
     // The window ends: probes off, what was learned stays.
     agent.wait_for("the escalation window over", WITHIN, |s| {
         (s.value("memtrace_escalated", &grower) == Some(0.0)
@@ -130,4 +144,40 @@ fn escalation_attaches_and_detaches_on_schedule() {
     );
     let bad = agent.get("/flamegraph.svg?tier=bogus");
     assert_eq!(bad.status, 400, "{}", bad.text());
+}
+
+/// `--probes always` shares one set of probes per libc file: a process that maps the file
+/// but is not traced takes the traps too, and memtrace counts them.
+#[test]
+fn shared_probes_count_untraced_hits() {
+    let _serial = serial();
+    require_root();
+
+    let mut cgroups = TestCgroups::new("shared");
+    let traced_cg = cgroups.create("traced");
+    let bystander_cg = cgroups.create("bystander");
+    let _traced = start_in_cgroup(&traced_cg, "waiter", &["5", "0", "16"]);
+    let _bystander = start_in_cgroup(&bystander_cg, "busy", &["1", "0", "0"]);
+
+    let agent = Agent::start(&[
+        "--cgroup",
+        &format!("{}/traced", cgroups.root_pattern()),
+        "--interval",
+        &format!("{}ms", INTERVAL.as_millis()),
+        "--probes",
+        "always",
+    ]);
+    agent.wait_ready();
+    let scrape = agent.wait_for("the bystander's traps counted", WITHIN, |s| {
+        (s.value("memtrace_untraced_probe_hits_total", &[])
+            .unwrap_or(0.0)
+            > 0.0)
+            .then_some(s.clone())
+    });
+    assert_eq!(
+        scrape.value("memtrace_traced_processes", &[]),
+        Some(1.0),
+        "only the process of the matching cgroup is traced\n{}",
+        scrape.memtrace_lines()
+    );
 }

@@ -3,6 +3,7 @@
 //! endpoints, and a parser for the Prometheus text format.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -198,36 +199,36 @@ pub fn cgroup_of(pid: i32) -> Option<String> {
         .map(|p| p.trim().to_owned())
 }
 
-/// Starts fixture `name` with `args` inside `cgroup` (as [`start_shape`] does) and waits
-/// for its line starting with `ready`.
-pub fn start_in_cgroup(cgroup: &Cgroup, name: &str, args: &[&str]) -> Proc {
+/// Starts `program args...` inside `cgroup` (a shell moves itself into the cgroup, then
+/// execs the program: it never runs outside), and waits for its line starting with `ready`.
+pub fn start_program_in_cgroup<S: AsRef<OsStr>>(
+    cgroup: &Cgroup,
+    label: &str,
+    program: impl AsRef<OsStr>,
+    args: &[S],
+) -> Proc {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"echo $$ > "$0" && exec "$@""#)
         .arg(cgroup.dir.join("cgroup.procs"))
-        .arg(fixture(name))
+        .arg(program)
         .args(args);
-    let proc = Proc::spawn(format!("{name} {args:?} in {}", cgroup.label), cmd);
+    let proc = Proc::spawn(format!("{label} in {}", cgroup.label), cmd);
     proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
         l.starts_with("ready")
     });
     proc
 }
 
-/// Starts `fixtures/shapes.c` with `args` inside `cgroup` (the shell moves itself into the
-/// cgroup, then execs the fixture: it never runs outside), and waits for its `ready` line.
+/// Starts fixture `name` with `args` inside `cgroup` and waits for its `ready` line.
+pub fn start_in_cgroup(cgroup: &Cgroup, name: &str, args: &[&str]) -> Proc {
+    start_program_in_cgroup(cgroup, &format!("{name} {args:?}"), fixture(name), args)
+}
+
+/// Starts `fixtures/shapes.c` with `args` inside `cgroup` and waits for its `ready` line.
 /// The fixture then waits for SIGUSR1 before allocating anything.
 pub fn start_shape(cgroup: &Cgroup, args: &[&str]) -> Proc {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"echo $$ > "$0" && exec "$@""#)
-        .arg(cgroup.dir.join("cgroup.procs"))
-        .arg(fixture("shapes"))
-        .args(args);
-    let proc = Proc::spawn(format!("shapes {args:?} in {}", cgroup.label), cmd);
-    proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+    let proc = start_in_cgroup(cgroup, "shapes", args);
     assert_eq!(
         cgroup_of(proc.pid()).as_deref(),
         Some(cgroup.label.as_str()),

@@ -1,9 +1,11 @@
 //! Every query of `deploy/grafana/memtrace.json` runs against a real Prometheus that has
 //! scraped a real agent, and returns data, unless it needs a metric listed in
-//! [`NEEDS_ABSENT`] (an exporter or a memtrace feature this test does not have). The agent
-//! runs as the DaemonSet does (`--probes escalate`, a CPU budget) over one container that
+//! [`NEEDS_ABSENT`] (an exporter this test does not have). The agent runs as the DaemonSet
+//! does (`--probes escalate`, a CPU budget, the default `--python`) over one container that
 //! exercises both tiers: a page-touching leak that gets it escalated and becomes a leak
-//! suspect of the exact tier, and a hot allocator that the budget detaches.
+//! suspect of the exact tier, a hot allocator that the budget detaches, and a leaking
+//! CPython service whose escalation brings exact mode's probes (live objects) and the
+//! garbage collector's.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use serde_json::Value;
 use crate::agent_util::*;
 use crate::deploy_util::*;
 use crate::prometheus::Prometheus;
+use crate::python_util::*;
 use crate::util::*;
 
 /// How long the container gets to be escalated, to become a suspect (and a leak event), and
@@ -39,28 +42,26 @@ const MUST_SHOW: &[&str] = &[
     "memtrace_outstanding_bytes",
     "memtrace_leak_suspicion",
     "memtrace_bpf_map_entries",
+    "memtrace_python_live_objects",
+    "memtrace_python_gc_collections_total",
+    "memtrace_python_gc_duration_seconds_bucket",
+];
+
+/// The DaemonSet's settings this test runs the agent with (its own interval, window and
+/// escalation window are shorter, to fit a test). `None`: the DaemonSet leaves the
+/// variable unset, and so does the test (the agent's default).
+const DAEMONSET_SETTINGS: &[(&str, Option<&str>)] = &[
+    ("MEMTRACE_PROBES", Some("escalate")),
+    ("MEMTRACE_MAX_OVERHEAD", Some("1")),
+    ("MEMTRACE_PYTHON", None),
 ];
 
 /// Metrics the dashboard uses that this test cannot produce, and why. A query that names
 /// one of them may return nothing; every entry must be used by some query.
-const NEEDS_ABSENT: &[(&str, &str)] = &[
-    (
-        "memtrace_python_live_objects",
-        "coming with the CPython support",
-    ),
-    (
-        "memtrace_python_gc_collections_total",
-        "coming with the CPython support",
-    ),
-    (
-        "memtrace_python_gc_duration_seconds_bucket",
-        "coming with the CPython support",
-    ),
-    (
-        "django_http_requests_total_by_method_total",
-        "the request-rate metric (django-prometheus), from the application",
-    ),
-];
+const NEEDS_ABSENT: &[(&str, &str)] = &[(
+    "django_http_requests_total_by_method_total",
+    "the request-rate metric (django-prometheus), from the application",
+)];
 
 /// Values for the dashboard's variables (Grafana's built-ins included).
 fn substitute(expr: &str, vars: &[(&str, String)]) -> String {
@@ -170,8 +171,16 @@ fn deploy_dashboard() {
         "no data link to the agent's growth (always-on) flame graph"
     );
 
-    // A real agent, configured like the DaemonSet (escalation, a 1% CPU budget), scraped
-    // by a real Prometheus.
+    // A real agent, configured like the DaemonSet (escalation, a 1% CPU budget, the
+    // default Python mode), scraped by a real Prometheus.
+    let daemonset = daemonset_env(&deploy_dir().join("kubernetes/base/daemonset.yaml"));
+    for (name, value) in DAEMONSET_SETTINGS {
+        assert_eq!(
+            daemonset.get(*name).map(String::as_str),
+            *value,
+            "the DaemonSet's {name} is not what this test runs the agent with"
+        );
+    }
     let _serial = serial();
     require_root();
     let mut cgroups = TestCgroups::new("dashboard");
@@ -181,6 +190,15 @@ fn deploy_dashboard() {
     let _grower = start_in_cgroup(&leaky, "pages", &["100000", "20"]);
     // One thread churning malloc/free: over the budget as soon as it has probes.
     let hot = start_in_cgroup(&leaky, "busy", &["1", "0", "0"]);
+    // A CPython service (pyenv's 3.12: exact mode needs pymalloc's symbols) leaking a few
+    // objects every 20 ms, leaving cycles for the garbage collector. Mostly idle, so its
+    // exact probes last a few seconds of its CPU before the budget detaches it too.
+    let _python = start_python_in_cgroup(
+        &leaky,
+        &pyenv_python("3.12"),
+        &python_fixture("python_service.py"),
+        &["10000", "20"],
+    );
     let pattern = format!("{}/*", cgroups.root_pattern());
     let agent = Agent::start(&[
         "--cgroup",
@@ -228,6 +246,10 @@ fn deploy_dashboard() {
     let mut wanted = vec![
         format!("memtrace_escalations_total{container} > 0"),
         format!("memtrace_leak_events_total{container} > 0"),
+        // Only exact mode counts live objects: the escalation brought it.
+        format!("memtrace_python_live_objects{container} > 0"),
+        format!("memtrace_python_gc_collections_total{container} > 0"),
+        format!("memtrace_python_gc_duration_seconds_count{container} > 0"),
     ];
     if budget_works {
         wanted.push(format!("memtrace_budget_detaches_total{container} > 0"));

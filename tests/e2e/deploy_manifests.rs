@@ -16,41 +16,23 @@ use serde_json::Value;
 
 use crate::deploy_util::*;
 
-/// Every kustomization we ship, relative to `deploy/`, with the kinds it must render.
+/// Every kustomization we ship, relative to `deploy/`, with the kinds it must render
+/// besides the base's ([`BASE_KINDS`]).
 const KUSTOMIZATIONS: &[(&str, &[&str])] = &[
-    ("kubernetes", BASE_KINDS),
-    ("kubernetes/base", BASE_KINDS),
-    ("kubernetes/overlays/capabilities", BASE_KINDS),
+    ("kubernetes", &[]),
+    ("kubernetes/base", &[]),
+    ("kubernetes/overlays/capabilities", &[]),
     (
         "kubernetes/overlays/prometheus-operator",
-        &[
-            "Namespace",
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "PriorityClass",
-            "DaemonSet",
-            "Service",
-            "ServiceMonitor",
-            "PrometheusRule",
-        ],
+        &["ServiceMonitor", "PrometheusRule"],
     ),
     (
         "kubernetes/overlays/prometheus-operator-podmonitor",
-        &[
-            "Namespace",
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "PriorityClass",
-            "DaemonSet",
-            "Service",
-            "PodMonitor",
-            "PrometheusRule",
-        ],
+        &["PodMonitor", "PrometheusRule"],
     ),
 ];
 
+/// What every kustomization renders: the base.
 const BASE_KINDS: &[&str] = &[
     "Namespace",
     "ServiceAccount",
@@ -261,12 +243,7 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         Some(&["agent".to_owned()][..]),
         "{what}: args"
     );
-    let env: BTreeMap<&str, &k8s_openapi::api::core::v1::EnvVar> = c
-        .env
-        .iter()
-        .flatten()
-        .map(|e| (e.name.as_str(), e))
-        .collect();
+    let env = agent_env(ds);
     let node_name = env
         .get("NODE_NAME")
         .unwrap_or_else(|| panic!("{what}: no NODE_NAME"));
@@ -284,10 +261,8 @@ fn check_daemonset(dir: &str, r: &Rendered) {
         !env.contains_key("MEMTRACE_CGROUP"),
         "{what}: MEMTRACE_CGROUP bypasses the pod policy"
     );
-    let default = env
-        .get("MEMTRACE_TRACE_DEFAULT")
-        .and_then(|e| e.value.as_deref())
-        .unwrap_or_else(|| panic!("{what}: no MEMTRACE_TRACE_DEFAULT"));
+    let value = |name: &str| env_value(&env, name, &what);
+    let default = value("MEMTRACE_TRACE_DEFAULT");
     assert!(
         ["all", "opt-in"].contains(&default),
         "{what}: MEMTRACE_TRACE_DEFAULT {default:?}"
@@ -303,11 +278,6 @@ fn check_daemonset(dir: &str, r: &Rendered) {
     }
     // The tiers and the budget are set explicitly: the always-on tier everywhere, probes
     // only where memory grows, and a CPU budget on.
-    let value = |name: &str| {
-        env.get(name)
-            .and_then(|e| e.value.as_deref())
-            .unwrap_or_else(|| panic!("{what}: no {name}"))
-    };
     assert_eq!(
         value("MEMTRACE_PROBES"),
         "escalate",
@@ -554,10 +524,14 @@ fn check_prometheus_rule(dir: &str, r: &Rendered) {
 
 #[test]
 fn deploy_manifests() {
-    for (dir, kinds) in KUSTOMIZATIONS {
+    for (dir, extra_kinds) in KUSTOMIZATIONS {
         let rendered = render(dir);
         let mut got = rendered.kinds.clone();
-        let mut want: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+        let mut want: Vec<String> = BASE_KINDS
+            .iter()
+            .chain(extra_kinds.iter())
+            .map(|k| k.to_string())
+            .collect();
         got.sort();
         want.sort();
         assert_eq!(got, want, "{dir}: rendered kinds");

@@ -1,9 +1,13 @@
 //! Helpers for the `deploy_*` tests: where `deploy/` is, running an external tool
-//! (kubectl, promtool) with a bounded wait, and YAML streams as JSON values.
+//! (kubectl, promtool) with a bounded wait, YAML streams as JSON values, and the agent's
+//! environment in its DaemonSet.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::EnvVar;
 use serde::Deserialize;
 
 use crate::util::*;
@@ -62,4 +66,37 @@ pub fn yaml_file(path: &Path) -> serde_json::Value {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The environment of the agent's container (the DaemonSet's only one), by name.
+pub fn agent_env(ds: &DaemonSet) -> BTreeMap<&str, &EnvVar> {
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("the DaemonSet has a pod spec");
+    assert_eq!(pod.containers.len(), 1, "the DaemonSet has one container");
+    pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e))
+        .collect()
+}
+
+/// The plain value of variable `name` in `env`; panics naming `what` if there is none.
+pub fn env_value<'a>(env: &BTreeMap<&str, &'a EnvVar>, name: &str, what: &str) -> &'a str {
+    env.get(name)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{what}: no {name}"))
+}
+
+/// The variables with plain values of the DaemonSet in `path` (one YAML document).
+pub fn daemonset_env(path: &Path) -> BTreeMap<String, String> {
+    let ds: DaemonSet = serde_json::from_value(yaml_file(path))
+        .unwrap_or_else(|e| panic!("{}: not a DaemonSet: {e}", path.display()));
+    agent_env(&ds)
+        .into_iter()
+        .filter_map(|(name, e)| Some((name.to_owned(), e.value.clone()?)))
+        .collect()
 }

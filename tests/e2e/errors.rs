@@ -64,18 +64,11 @@ fn error_no_such_pid() {
 }
 
 #[test]
-fn error_statically_linked() {
+fn error_no_allocator() {
     let _serial = serial();
     require_root();
-    let target = static_fixture();
-    let finished = run_memtrace([
-        "top".as_ref(),
-        "--format".as_ref(),
-        "json".as_ref(),
-        "--".as_ref(),
-        target.as_os_str(),
-    ]);
-    assert_error(&finished, "statically linked");
+    let finished = run_top(&[], &nolibc_fixture(), &[]);
+    assert_error(&finished, "no allocator of its own");
 }
 
 #[test]

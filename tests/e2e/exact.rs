@@ -1,5 +1,6 @@
 //! Test 1: exact per-function numbers for every traced allocator
-//! (`fixtures/exact.c`).
+//! (`fixtures/exact.c`), on a shared libc and in a statically linked build (whose own copy
+//! of the allocator memtrace probes).
 
 use crate::util::*;
 
@@ -49,7 +50,30 @@ fn exact_per_function() {
     let _serial = serial();
     require_root();
     let slack = slack_bytes();
-    let report = trace_fixture("exact", &[], &[]);
+    check_exact(&trace_fixture("exact", &[], &[]), slack);
+}
+
+#[test]
+fn exact_per_function_static() {
+    let _serial = serial();
+    require_root();
+    let slack = slack_bytes();
+    let program = static_build("exact");
+    let finished = run_top(&[], &program, &[]);
+    assert!(finished.status.success(), "{}", finished.describe());
+    assert!(
+        finished
+            .stderr
+            .contains(&format!("probes to {}", program.display())),
+        "the probes go on the program's own allocator, not a libc\n{}",
+        finished.describe()
+    );
+    let report = parse_report(&finished);
+    report.check_shape();
+    check_exact(&report, slack);
+}
+
+fn check_exact(report: &Report, slack: u64) {
     assert_eq!(
         report.sample_bytes,
         1,
@@ -59,7 +83,7 @@ fn exact_per_function() {
 
     for &(function, bytes, count) in LEAKS {
         assert_site(
-            &report,
+            report,
             Expect {
                 function,
                 outstanding_bytes: bytes,
@@ -70,7 +94,7 @@ fn exact_per_function() {
     }
     for &(function, allocated) in CHURN {
         assert_site(
-            &report,
+            report,
             Expect {
                 function,
                 outstanding_bytes: 0,
@@ -81,7 +105,7 @@ fn exact_per_function() {
     }
 
     let leaked: u64 = LEAKS.iter().map(|l| l.1).sum();
-    let t = report.totals;
+    let t = &report.totals;
     assert!(
         t.outstanding_bytes >= leaked,
         "totals.outstanding_bytes {} < the fixture's leaks {leaked}\n{}",

@@ -2,8 +2,6 @@
 //! totals stay consistent (every tracked block is in them, nothing else), and memtrace
 //! keeps running.
 
-use std::ffi::OsString;
-
 use crate::agent_util::*;
 use crate::util::*;
 
@@ -14,19 +12,7 @@ const TINY_ALLOCS: &str = "8";
 fn fault_tiny_maps_top() {
     let _serial = serial();
     require_root();
-    let args: Vec<OsString> = [
-        "top",
-        "--format",
-        "json",
-        "--max-allocations",
-        TINY_ALLOCS,
-        "--",
-    ]
-    .iter()
-    .map(OsString::from)
-    .chain([fixture("exact").into_os_string()])
-    .collect();
-    let finished = run_memtrace(&args);
+    let finished = run_top(&["--max-allocations", TINY_ALLOCS], &fixture("exact"), &[]);
     assert!(
         finished.status.success(),
         "memtrace with a {TINY_ALLOCS}-entry live-block map failed\n{}",

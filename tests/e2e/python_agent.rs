@@ -1,6 +1,6 @@
 //! The agent on a CPython process: Python frames in its flame graph, garbage-collector
 //! counts and durations, and live objects (exact mode) on /metrics.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::{agent_util::*, python_util::*, util::*};
 
@@ -11,30 +11,14 @@ fn python_agent_metrics() {
     let python = pyenv_python("3.12");
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let start = dir.path().join("start");
     let iterations = 10_000;
-    let mut cmd = Command::new(&python);
-    cmd.arg(&fixture)
-        .arg(iterations.to_string())
-        .arg("--start-file")
-        .arg(&start);
-    let target = Proc::spawn("python_leak.py", cmd);
-    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+    let target = PythonFixture::start(&python, &fixture, &[&iterations.to_string()]);
     let pid = target.pid().to_string();
     let agent = Agent::start(&["--pid", &pid, "--interval", "500ms", "--python", "exact"]);
     agent.wait_traced(1, WAIT_TIMEOUT);
-    agent
-        .proc
-        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
-            l.contains("CPython")
-        });
-    std::fs::write(&start, b"go").unwrap();
-    target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
-        l.starts_with("done")
-    });
+    wait_cpython_line(&agent.proc);
+    target.go();
+    target.wait_done();
 
     let container = agent.wait_for("Python GC and live objects", WAIT_TIMEOUT, |s| {
         let collections: f64 = s
@@ -109,34 +93,16 @@ fn python_agent_shares_interpreter_probes() {
     let python = pyenv_python("3.12");
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let start = dir.path().join("start");
-    let mut targets: Vec<Proc> = (0..2)
-        .map(|i| {
-            let mut cmd = Command::new(&python);
-            cmd.arg(&fixture)
-                .arg("20000")
-                .arg("--start-file")
-                .arg(&start);
-            let target = Proc::spawn(format!("python_leak.py #{i}"), cmd);
-            target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
-                l.starts_with("ready")
-            });
-            target
-        })
+    let mut targets: Vec<PythonFixture> = (0..2)
+        .map(|_| PythonFixture::start(&python, &fixture, &["20000"]))
         .collect();
     let pids = format!("{},{}", targets[0].pid(), targets[1].pid());
     let agent = Agent::start(&["--pid", &pids, "--interval", "500ms", "--python", "growth"]);
     agent.wait_traced(2, WAIT_TIMEOUT);
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        lines.push(agent.proc.wait_for_line(
-            Stream::Stderr,
-            "two CPython lines",
-            WAIT_TIMEOUT,
-            |l| l.contains("CPython"),
-        ));
-    }
+    let lines = [
+        wait_cpython_line(&agent.proc),
+        wait_cpython_line(&agent.proc),
+    ];
     assert_eq!(
         lines
             .iter()
@@ -153,11 +119,11 @@ fn python_agent_shares_interpreter_probes() {
         1,
         "{lines:?}"
     );
-    std::fs::write(&start, b"go").unwrap();
     for target in &targets {
-        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
-            l.starts_with("done")
-        });
+        target.go();
+    }
+    for target in &targets {
+        target.wait_done();
     }
     let site = format!("leak (python_leak.py:{leak_line})");
     agent.wait_for("the leak's Python site", WAIT_TIMEOUT, |s| {
@@ -169,4 +135,72 @@ fn python_agent_shares_interpreter_probes() {
     agent.wait_for("every probe detached", WAIT_TIMEOUT, |s| {
         (s.value("memtrace_attached_probes", &[]) == Some(0.0)).then_some(())
     });
+}
+
+/// `--probes escalate` with the default `--python growth`: an escalated container's CPython
+/// processes get exact mode's probes where the interpreter allows it (pyenv's 3.12: live
+/// objects are counted), and keep growth mode's on an LTO build (Debian's python3.11, whose
+/// inlined fast path exact mode would miss).
+#[test]
+fn python_agent_escalation_brings_exact_mode() {
+    let _serial = serial();
+    require_root();
+    let debian = std::path::Path::new("/usr/bin/python3.11");
+    assert!(
+        debian.is_file(),
+        "Debian's python3.11 is missing (apt-get install python3.11 python3.11-dbg)"
+    );
+    let mut cgroups = TestCgroups::new("pyescalate");
+    let cg = cgroups.create("app");
+    // The container's memory grows (~3 MiB/s of new pages): it gets escalated.
+    let _grower = start_in_cgroup(&cg, "pages", &["100000", "20"]);
+    let service = python_fixture("python_service.py");
+    let pyenv = start_python_in_cgroup(&cg, &pyenv_python("3.12"), &service, &["10000", "20"]);
+    let lto = start_python_in_cgroup(&cg, debian, &service, &["10000", "20"]);
+    let agent = Agent::start(&[
+        "--cgroup",
+        &format!("{}/*", cgroups.root_pattern()),
+        "--interval",
+        "500ms",
+        "--window",
+        "10s",
+        "--probes",
+        "escalate",
+        "--escalate-for",
+        "10m",
+        // No budget: the probes stay on for what is checked here.
+        "--max-overhead",
+        "0",
+    ]);
+    let lines = [
+        wait_cpython_line(&agent.proc),
+        wait_cpython_line(&agent.proc),
+    ];
+    let line_of = |pid: i32| {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!("in pid {pid}:")))
+            .unwrap_or_else(|| panic!("no CPython line for pid {pid}: {lines:?}"))
+    };
+    let exact = line_of(pyenv.pid());
+    assert!(
+        exact.contains("_PyObject_Malloc") && !exact.contains("allocate_from_new_pool"),
+        "pyenv's 3.12 did not get exact mode's probes: {exact}"
+    );
+    let growth = line_of(lto.pid());
+    assert!(
+        growth.contains("allocate_from_new_pool") && !growth.contains("_PyObject_Malloc"),
+        "Debian's LTO python3.11 did not keep growth mode's probes: {growth}"
+    );
+    let container = [("container", cg.label.as_str())];
+    agent.wait_for(
+        "live objects of the escalated container",
+        WAIT_TIMEOUT,
+        |s| {
+            (s.value("memtrace_escalated", &container) == Some(1.0)
+                && s.value("memtrace_python_live_objects", &container)
+                    .is_some_and(|n| n > 0.0))
+            .then_some(())
+        },
+    );
 }

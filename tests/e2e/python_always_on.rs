@@ -2,7 +2,7 @@
 //! the pages its leak populates are attributed to the Python line that leaks (its Python
 //! frames are read in BPF at each page fault's stack walk).
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::agent_util::*;
 use crate::python_util::*;
@@ -20,21 +20,7 @@ fn python_always_on_growth_names_the_leaking_line() {
 
     let mut cgroups = TestCgroups::new("pyalways");
     let cg = cgroups.create("py");
-    let start = tempfile::NamedTempFile::new().expect("a temporary file");
-    let start_path = start.path().with_extension("go");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"echo $$ > "$0" && exec "$@""#)
-        .arg(cg.dir.join("cgroup.procs"))
-        .arg(&python)
-        .arg(&fixture)
-        .arg("300000")
-        .arg("--start-file")
-        .arg(&start_path);
-    let proc = Proc::spawn(format!("python_leak.py in {}", cg.label), cmd);
-    proc.wait_for_line(Stream::Stdout, "`ready` line", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+    let target = PythonFixture::start_in(&cg, &python, &fixture, &["300000"]);
 
     // Escalation off by a window longer than the test: only the always-on tier runs.
     let agent = Agent::start(&[
@@ -55,10 +41,8 @@ fn python_always_on_growth_names_the_leaking_line() {
         s.value("memtrace_anon_memory_bytes", &container)
             .map(|_| ())
     });
-    std::fs::write(&start_path, b"go").expect("writing the start file");
-    proc.wait_for_line(Stream::Stdout, "`done` line", WITHIN, |l| {
-        l.starts_with("done")
-    });
+    target.go();
+    target.wait_done();
 
     let deadline = std::time::Instant::now() + WITHIN;
     let growth = loop {
@@ -100,5 +84,79 @@ fn python_always_on_growth_names_the_leaking_line() {
         "no uprobe at all\n{}",
         scrape.memtrace_lines()
     );
-    let _ = std::fs::remove_file(&start_path);
+}
+
+/// Python frames of the always-on tier outlive an escalation: once the container's window
+/// is over (its processes detached from the exact tier), the pages its CPython process
+/// populates are still charged to Python lines.
+#[test]
+fn python_always_on_frames_outlive_an_escalation() {
+    let _serial = serial();
+    require_root();
+    let mut cgroups = TestCgroups::new("pyafter");
+    let cg = cgroups.create("app");
+    // The container's memory grows (~3 MiB/s of new pages): it gets escalated.
+    let _grower = start_in_cgroup(&cg, "pages", &["100000", "20"]);
+    let _service = start_python_in_cgroup(
+        &cg,
+        &pyenv_python("3.12"),
+        &python_fixture("python_service.py"),
+        &["10000", "20"],
+    );
+    let agent = Agent::start(&[
+        "--cgroup",
+        &format!("{}/*", cgroups.root_pattern()),
+        "--interval",
+        "500ms",
+        "--window",
+        "10s",
+        "--probes",
+        "escalate",
+        "--escalate-for",
+        "3s",
+        "--max-overhead",
+        "0",
+        // Every growth site of the container: the pages fixture's would crowd out Python's.
+        "--top-k",
+        "50",
+    ]);
+    let container = [("container", cg.label.as_str())];
+    agent.wait_for("an escalation window over", WITHIN, |s| {
+        (s.value("memtrace_escalations_total", &container) == Some(1.0)
+            && s.value("memtrace_escalated", &container) == Some(0.0))
+        .then_some(())
+    });
+    // Bytes charged to the service's Python lines grow on after the window.
+    let python_bytes = || -> u64 {
+        let growth = agent.get("/api/v1/growth").text();
+        let sites: Vec<serde_json::Value> =
+            serde_json::from_str(&growth).unwrap_or_else(|e| panic!("{e}: {growth}"));
+        sites
+            .iter()
+            .filter(|s| {
+                s["container"] == cg.label.as_str()
+                    && s["frames"].as_array().is_some_and(|frames| {
+                        frames.iter().any(|f| {
+                            f["file"]
+                                .as_str()
+                                .is_some_and(|p| p.ends_with("python_service.py"))
+                        })
+                    })
+            })
+            .filter_map(|s| s["populated_bytes"].as_u64())
+            .sum()
+    };
+    let after_window = python_bytes();
+    let deadline = std::time::Instant::now() + WITHIN;
+    while python_bytes() <= after_window {
+        let scrape = agent.scrape();
+        assert!(
+            std::time::Instant::now() < deadline
+                && scrape.value("memtrace_escalated", &container) == Some(0.0),
+            "no page charged to a Python line since the window ended ({after_window} bytes), \
+             before the deadline or the next window\n{}",
+            agent.get("/api/v1/growth").text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -1,8 +1,6 @@
 //! A real Django app (from PyPI, in a virtualenv the test makes) served by wsgiref, with
 //! a view that leaks into a module-level cache and one that does not, driven by a bounded
 //! load loop; and a worker-style loop (no HTTP) whose leaking task is found the same way.
-use std::process::Command;
-
 use crate::{python_util::*, util::*};
 
 const KIB: u64 = 1024;
@@ -14,33 +12,25 @@ fn runs(stack: &StackEntry, function: &str) -> bool {
         .any(|f| f.function.as_deref() == Some(function))
 }
 
+/// Outstanding bytes of every stack that runs `function`.
+fn outstanding_running(report: &Report, function: &str) -> u64 {
+    report
+        .stacks
+        .iter()
+        .filter(|s| runs(s, function))
+        .map(|s| s.outstanding_bytes)
+        .sum()
+}
+
 #[test]
 fn python_django_leaking_view() {
     let _serial = serial();
     require_root();
-    let python = django_python();
-    let app = python_fixture("django_app.py");
-    let leak_line = marked_line(&app, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let port_file = dir.path().join("port");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&app).arg(&port_file);
-    let server = Proc::spawn("django_app.py", cmd);
-    let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
-        .trim()
-        .parse()
-        .unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    // Warm up both views first: Django builds its URL resolver and caches lazily.
-    for path in ["/leak", "/fine"].repeat(20) {
-        http_get(addr, path).unwrap_or_else(|e| panic!("{e}\n{}", server.stderr_so_far()));
-    }
-
-    let memtrace = attach_python(server.pid(), &["--python", "exact"]);
+    let server = DjangoServer::start();
+    let leak_line = server.leak_line;
+    let memtrace = attach_python(server.proc.pid(), &["--python", "exact"]);
     for i in 0..1500 {
-        let path = if i % 2 == 0 { "/leak" } else { "/fine" };
-        let response = http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(response.status, 200, "{path}: {}", response.text());
+        server.get(if i % 2 == 0 { "/leak" } else { "/fine" });
     }
     let report = stop_python_trace(memtrace);
     drop(server);
@@ -60,12 +50,7 @@ fn python_django_leaking_view() {
             .any(|f| f.file.as_deref().is_some_and(|p| p.contains("/django/"))),
         "no Django frame under the view\n{stacks}"
     );
-    let fine: u64 = report
-        .stacks
-        .iter()
-        .filter(|s| runs(s, "fine_view"))
-        .map(|s| s.outstanding_bytes)
-        .sum();
+    let fine = outstanding_running(&report, "fine_view");
     assert!(
         fine < 16 * KIB && fine * 20 < top.outstanding_bytes,
         "fine_view holds {fine} bytes\n{stacks}"
@@ -96,12 +81,7 @@ fn python_worker_leaking_task() {
         runs(top, "run_task") && runs(top, "work"),
         "the worker's loop is not under the task\n{stacks}"
     );
-    let resize: u64 = report
-        .stacks
-        .iter()
-        .filter(|s| runs(s, "resize_image"))
-        .map(|s| s.outstanding_bytes)
-        .sum();
+    let resize = outstanding_running(report, "resize_image");
     assert!(
         resize * 10 < top.outstanding_bytes,
         "resize_image, which keeps nothing, holds {resize} bytes\n{stacks}"
@@ -117,23 +97,8 @@ fn python_agent_django_suspects() {
 
     let _serial = serial();
     require_root();
-    let python = django_python();
-    let app = python_fixture("django_app.py");
-    let leak_line = marked_line(&app, "LEAK");
-    let dir = tempfile::tempdir().unwrap();
-    let port_file = dir.path().join("port");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&app).arg(&port_file);
-    let server = Proc::spawn("django_app.py", cmd);
-    let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
-        .trim()
-        .parse()
-        .unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    for path in ["/leak", "/fine"].repeat(20) {
-        http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
-    }
-    let pid = server.pid().to_string();
+    let server = DjangoServer::start();
+    let pid = server.proc.pid().to_string();
     let agent = Agent::start(&[
         "--pid",
         &pid,
@@ -147,13 +112,9 @@ fn python_agent_django_suspects() {
         "exact",
     ]);
     agent.wait_traced(1, WAIT_TIMEOUT);
-    agent
-        .proc
-        .wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
-            l.contains("CPython")
-        });
+    wait_cpython_line(&agent.proc);
 
-    let site = format!("leaky_view (django_app.py:{leak_line})");
+    let site = format!("leaky_view (django_app.py:{})", server.leak_line);
     let started = Instant::now();
     let mut next_check = started;
     let mut leak_found: Option<Duration> = None;
@@ -162,10 +123,8 @@ fn python_agent_django_suspects() {
     while started.elapsed() < Duration::from_secs(45)
         && !(leak_found.is_some() && started.elapsed() >= Duration::from_secs(20))
     {
-        for path in ["/leak", "/fine"] {
-            let response = http_get(addr, path).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(response.status, 200, "{path}");
-        }
+        server.get("/leak");
+        server.get("/fine");
         std::thread::sleep(Duration::from_millis(20));
         if Instant::now() >= next_check {
             next_check += Duration::from_millis(500);

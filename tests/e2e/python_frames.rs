@@ -31,6 +31,33 @@ fn outstanding_in(report: &Report, function: &str) -> u64 {
         .sum()
 }
 
+/// The top stack runs the leaking line of `fixtures/python_leak.py` (`leak_line`); returns
+/// it. `what` names the run in failure messages.
+fn top_runs_leak<'a>(report: &'a Report, what: &str, leak_line: u64) -> &'a StackEntry {
+    let top = report.stacks.first().expect("no stacks at all");
+    assert!(
+        top.frames
+            .iter()
+            .any(|f| is_python_frame(f, "leak", "python_leak.py", leak_line)),
+        "{what}: the top stack does not run leak (python_leak.py:{leak_line})\n{}",
+        describe_stacks(report, 5)
+    );
+    top
+}
+
+/// Growth mode: the leaking line is the top growth site, and churn, which frees what it
+/// allocates, grew less than a tenth of it.
+fn assert_leak_tops_growth(report: &Report, what: &str, leak_line: u64) {
+    let top = top_runs_leak(report, what, leak_line);
+    let churn = outstanding_in(report, "churn");
+    assert!(
+        churn * 10 < top.outstanding_bytes,
+        "{what}: churn grew {churn} bytes, the leak {}\n{}",
+        top.outstanding_bytes,
+        describe_stacks(report, 5)
+    );
+}
+
 fn exact_mode(minor: &str) {
     let _serial = serial();
     require_root();
@@ -46,14 +73,7 @@ fn exact_mode(minor: &str) {
     );
     let report = &run.report;
     let stacks = describe_stacks(report, 5);
-
-    let top = report.stacks.first().expect("no stacks at all");
-    assert!(
-        top.frames
-            .iter()
-            .any(|f| is_python_frame(f, "leak", "python_leak.py", leak_line)),
-        "{minor}: the top stack does not run leak (python_leak.py:{leak_line})\n{stacks}"
-    );
+    top_runs_leak(report, minor, leak_line);
     let churn = outstanding_in(report, "churn");
     assert!(
         churn < 64 * KIB,
@@ -115,21 +135,7 @@ fn growth_mode(minor: &str) {
     let fixture = python_fixture("python_leak.py");
     let leak_line = marked_line(&fixture, "LEAK");
     let run = trace_python(&python, &fixture, &["20000"], &["--python", "growth"]);
-    let report = &run.report;
-    let stacks = describe_stacks(report, 5);
-    let top = report.stacks.first().expect("no stacks at all");
-    assert!(
-        top.frames
-            .iter()
-            .any(|f| is_python_frame(f, "leak", "python_leak.py", leak_line)),
-        "{minor}: the top growth site is not leak (python_leak.py:{leak_line})\n{stacks}"
-    );
-    let churn = outstanding_in(report, "churn");
-    assert!(
-        churn * 10 < top.outstanding_bytes,
-        "{minor}: churn grew {churn} bytes, the leak {}\n{stacks}",
-        top.outstanding_bytes
-    );
+    assert_leak_tops_growth(&run.report, minor, leak_line);
     let refills = run.raw["python"]["counters"]["python_pool_refills"]
         .as_u64()
         .unwrap_or(0);
@@ -216,19 +222,5 @@ fn python_debian_static_growth() {
         "python3.11-dbg is not installed (cargo xtask test installs it)\n{}",
         run.memtrace_stderr
     );
-    let report = &run.report;
-    let stacks = describe_stacks(report, 5);
-    let top = report.stacks.first().expect("no stacks at all");
-    assert!(
-        top.frames
-            .iter()
-            .any(|f| is_python_frame(f, "leak", "python_leak.py", leak_line)),
-        "the top growth site is not leak (python_leak.py:{leak_line})\n{stacks}"
-    );
-    let churn = outstanding_in(report, "churn");
-    assert!(
-        churn * 10 < top.outstanding_bytes,
-        "churn grew {churn} bytes, the leak {}\n{stacks}",
-        top.outstanding_bytes
-    );
+    assert_leak_tops_growth(&run.report, "Debian's python3.11", leak_line);
 }

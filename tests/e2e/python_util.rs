@@ -8,6 +8,7 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::agent_util::{Cgroup, start_program_in_cgroup};
 use crate::util::*;
 
 /// pyenv's root: `$PYENV_ROOT`, else what `pyenv root` says, else `~/.pyenv`.
@@ -56,6 +57,19 @@ pub fn python_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Starts `python fixture args...` inside `cgroup` and waits for its `ready` line.
+pub fn start_python_in_cgroup(
+    cgroup: &Cgroup,
+    python: &Path,
+    fixture: &Path,
+    args: &[&str],
+) -> Proc {
+    let name = fixture.file_name().unwrap_or_default().to_string_lossy();
+    let mut argv = vec![fixture.as_os_str()];
+    argv.extend(args.iter().map(std::ffi::OsStr::new));
+    start_program_in_cgroup(cgroup, &format!("{name} {args:?}"), python, &argv)
+}
+
 /// The line of `fixture` carrying the comment `# MARKER`.
 pub fn marked_line(fixture: &Path, marker: &str) -> u64 {
     let text = std::fs::read_to_string(fixture).unwrap();
@@ -81,58 +95,97 @@ pub struct PythonRun {
     pub memtrace_stderr: String,
 }
 
-/// Starts `python fixture args... --start-file F`, attaches `memtrace top --pid` with
-/// `options`, lets the fixture run once memtrace says its interpreter probes are on,
-/// waits for its `done`, and stops memtrace (SIGINT) while the fixture's memory is still
-/// live.
-pub fn trace_python(python: &Path, fixture: &Path, args: &[&str], options: &[&str]) -> PythonRun {
-    let dir = tempfile::tempdir().unwrap();
-    let start = dir.path().join("start");
-    let mut cmd = Command::new(python);
-    cmd.arg(fixture).args(args).arg("--start-file").arg(&start);
-    let target = Proc::spawn(format!("{} {}", python.display(), fixture.display()), cmd);
-    target.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
-        l.starts_with("ready")
-    });
+/// A Python fixture started with `--start-file`: it has printed `ready` and waits (at most
+/// 60 s) for [`Self::go`] before it allocates, so that a tracer attached by pid meanwhile
+/// sees all its work. Killed when dropped.
+pub struct PythonFixture {
+    pub proc: Proc,
+    start: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
-    let pid = target.pid().to_string();
-    let mut memtrace_args = vec![
-        "top",
-        "--format",
-        "json",
-        "--pid",
-        &pid,
-        "--duration",
-        "120",
-    ];
-    memtrace_args.extend(options);
-    let mut memtrace = Proc::spawn(
-        format!("memtrace {memtrace_args:?}"),
-        memtrace_command(&memtrace_args),
-    );
-    memtrace.wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
+impl PythonFixture {
+    /// Starts `python fixture args... --start-file F` and waits for its `ready` line.
+    pub fn start(python: &Path, fixture: &Path, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let start = dir.path().join("start");
+        let mut cmd = Command::new(python);
+        cmd.arg(fixture).args(args).arg("--start-file").arg(&start);
+        let name = fixture.file_name().unwrap_or_default().to_string_lossy();
+        let proc = Proc::spawn(format!("{name} {args:?}"), cmd);
+        proc.wait_for_line(Stream::Stdout, "`ready`", WAIT_TIMEOUT, |l| {
+            l.starts_with("ready")
+        });
+        Self {
+            proc,
+            start,
+            _dir: dir,
+        }
+    }
+
+    /// [`Self::start`] inside `cgroup`.
+    pub fn start_in(cgroup: &Cgroup, python: &Path, fixture: &Path, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let start = dir.path().join("start");
+        let start_arg = start.to_str().expect("a UTF-8 temporary path");
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--start-file", start_arg])
+            .collect();
+        let proc = start_python_in_cgroup(cgroup, python, fixture, &args);
+        Self {
+            proc,
+            start,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// Lets the fixture run.
+    pub fn go(&self) {
+        std::fs::write(&self.start, b"go").unwrap();
+    }
+
+    /// Waits for the fixture's `done` line (its memory is still live then); returns the
+    /// tracemalloc line it printed before, if any.
+    pub fn wait_done(&self) -> Option<Tracemalloc> {
+        let line =
+            self.proc
+                .wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
+                    l.starts_with("done") || l.starts_with('{')
+                });
+        if !line.starts_with('{') {
+            return None;
+        }
+        self.proc
+            .wait_for_line(Stream::Stdout, "`done`", WAIT_TIMEOUT, |l| {
+                l.starts_with("done")
+            });
+        Some(serde_json::from_str(&line).unwrap())
+    }
+}
+
+/// Waits (bounded) for the line in which memtrace (`top` or the agent, `proc`) says what it
+/// did with a CPython process; returns it.
+pub fn wait_cpython_line(proc: &Proc) -> String {
+    proc.wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
         l.contains("CPython")
-    });
-    std::fs::write(&start, b"go").unwrap();
-    let tracemalloc =
-        target.wait_for_line(Stream::Stdout, "`done`", Duration::from_secs(90), |l| {
-            l.starts_with("done") || l.starts_with('{')
-        });
-    let tracemalloc = if tracemalloc.starts_with('{') {
-        target.wait_for_line(Stream::Stdout, "`done`", WAIT_TIMEOUT, |l| {
-            l.starts_with("done")
-        });
-        Some(serde_json::from_str(&tracemalloc).unwrap())
-    } else {
-        None
-    };
-    memtrace.signal(libc::SIGINT);
-    let finished = memtrace.wait(RUN_TIMEOUT);
-    assert!(
-        finished.status.success(),
-        "memtrace failed\n{}",
-        finished.describe()
-    );
+    })
+}
+
+/// Starts `python fixture args...`, attaches `memtrace top --pid` with `options`, lets
+/// the fixture run once memtrace says its interpreter probes are on, waits for its
+/// `done`, and stops memtrace (SIGINT) while the fixture's memory is still live.
+pub fn trace_python(python: &Path, fixture: &Path, args: &[&str], options: &[&str]) -> PythonRun {
+    let target = PythonFixture::start(python, fixture, args);
+    let memtrace = attach_python(target.pid(), options);
+    target.go();
+    let tracemalloc = target.wait_done();
+    let finished = stop_memtrace(memtrace);
     let report = parse_report(&finished);
     let raw: serde_json::Value = serde_json::from_str(finished.stdout.trim()).unwrap();
     drop(target);
@@ -239,22 +292,63 @@ pub fn attach_python(pid: i32, options: &[&str]) -> Proc {
     ];
     args.extend(options);
     let memtrace = Proc::spawn(format!("memtrace {args:?}"), memtrace_command(&args));
-    memtrace.wait_for_line(Stream::Stderr, "the CPython line", WAIT_TIMEOUT, |l| {
-        l.contains("CPython")
-    });
+    wait_cpython_line(&memtrace);
     memtrace
 }
 
-/// Stops an attached memtrace with SIGINT and returns its report.
-pub fn stop_python_trace(mut memtrace: Proc) -> Report {
+/// Stops an attached memtrace with SIGINT; it must exit successfully.
+fn stop_memtrace(mut memtrace: Proc) -> Finished {
     memtrace.signal(libc::SIGINT);
-    let finished = memtrace.wait(RUN_TIMEOUT);
-    assert!(
-        finished.status.success(),
-        "memtrace failed\n{}",
-        finished.describe()
-    );
-    parse_report(&finished)
+    wait_memtrace_ok(&mut memtrace)
+}
+
+/// Stops an attached memtrace with SIGINT and returns its report.
+pub fn stop_python_trace(memtrace: Proc) -> Report {
+    parse_report(&stop_memtrace(memtrace))
+}
+
+/// The Django fixture app (`fixtures/django_app.py`, in [`django_python`]'s virtualenv),
+/// listening on loopback, both views warmed up (Django builds its URL resolver and caches
+/// lazily). Killed when dropped.
+pub struct DjangoServer {
+    pub proc: Proc,
+    pub addr: std::net::SocketAddr,
+    /// The line of the leaking view (`# LEAK`).
+    pub leak_line: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl DjangoServer {
+    pub fn start() -> Self {
+        let app = python_fixture("django_app.py");
+        let leak_line = marked_line(&app, "LEAK");
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let mut cmd = Command::new(django_python());
+        cmd.arg(&app).arg(&port_file);
+        let proc = Proc::spawn("django_app.py", cmd);
+        let port: u16 = wait_for_file(&port_file, WAIT_TIMEOUT)
+            .trim()
+            .parse()
+            .unwrap();
+        let server = Self {
+            proc,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            leak_line,
+            _dir: dir,
+        };
+        for path in ["/leak", "/fine"].repeat(20) {
+            server.get(path);
+        }
+        server
+    }
+
+    /// `GET path`, which must answer 200.
+    pub fn get(&self, path: &str) {
+        let response = http_get(self.addr, path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.proc.stderr_so_far()));
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+    }
 }
 
 /// Waits (bounded) until `path` exists and returns its contents.

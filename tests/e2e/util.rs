@@ -3,7 +3,7 @@
 //! timeout or panic), and parse memtrace's JSON report.
 
 use std::collections::BTreeMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -175,9 +175,21 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// `fixtures/static.c` built with `cc -static`.
 pub fn static_fixture() -> PathBuf {
-    static STATIC: OnceLock<PathBuf> = OnceLock::new();
-    STATIC
-        .get_or_init(|| {
+    static_build("static")
+}
+
+/// `fixtures/<name>.c` built with `cc -static` (once per test run), as `<name>-static`:
+/// a program with its own copy of the C library's allocator.
+pub fn static_build(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(name.to_owned())
+        .or_insert_with(|| {
             let libc_a = Path::new("/usr/lib/x86_64-linux-gnu/libc.a");
             assert!(
                 libc_a.exists(),
@@ -185,8 +197,29 @@ pub fn static_fixture() -> PathBuf {
                  (Debian: `apt-get install libc6-dev`)",
                 libc_a.display()
             );
-            let out = fixture_dir().dir.join("static");
-            compile("static", &out, &["-static"]);
+            let out = fixture_dir().dir.join(format!("{name}-static"));
+            compile(name, &out, &["-static"]);
+            out
+        })
+        .clone()
+}
+
+/// `fixtures/nolibc.c` built with `-static -nostdlib`: a program with no allocator at all.
+pub fn nolibc_fixture() -> PathBuf {
+    static NOLIBC: OnceLock<PathBuf> = OnceLock::new();
+    NOLIBC
+        .get_or_init(|| {
+            let out = fixture_dir().dir.join("nolibc");
+            compile(
+                "nolibc",
+                &out,
+                &[
+                    "-static",
+                    "-nostdlib",
+                    "-ffreestanding",
+                    "-fno-stack-protector",
+                ],
+            );
             out
         })
         .clone()
@@ -485,22 +518,37 @@ where
     Proc::spawn(label, cmd).wait(RUN_TIMEOUT)
 }
 
-/// `memtrace top --format json [options] -- <fixture> [fixture_args]`: checks
-/// that it succeeded and returns the parsed report.
-pub fn trace_fixture(name: &str, options: &[&str], fixture_args: &[&str]) -> Report {
-    let mut args: Vec<OsString> = vec!["top".into(), "--format".into(), "json".into()];
-    args.extend(options.iter().map(OsString::from));
-    args.push("--".into());
-    args.push(fixture(name).into_os_string());
-    args.extend(fixture_args.iter().map(OsString::from));
-    let finished = run_memtrace(&args);
+/// Runs `memtrace top --format json [options] -- <program> [program_args]` to completion.
+pub fn run_top(options: &[&str], program: &Path, program_args: &[&str]) -> Finished {
+    let mut args: Vec<&OsStr> = ["top", "--format", "json"]
+        .iter()
+        .chain(options)
+        .chain(&["--"])
+        .map(OsStr::new)
+        .collect();
+    args.push(program.as_os_str());
+    args.extend(program_args.iter().map(OsStr::new));
+    run_memtrace(args)
+}
+
+/// [`run_top`] on `program`: checks that it succeeded and returns the parsed report.
+pub fn trace_program(program: &Path, options: &[&str], program_args: &[&str]) -> Report {
+    let finished = run_top(options, program, program_args);
     assert!(
         finished.status.success(),
-        "memtrace {args:?} failed\n{}",
+        "memtrace top {options:?} -- {} {program_args:?} failed\n{}",
+        program.display(),
         finished.describe()
     );
     let report = parse_report(&finished);
     report.check_shape();
+    report
+}
+
+/// `memtrace top --format json [options] -- <fixture> [fixture_args]`: checks
+/// that it succeeded and returns the parsed report.
+pub fn trace_fixture(name: &str, options: &[&str], fixture_args: &[&str]) -> Report {
+    let report = trace_program(&fixture(name), options, fixture_args);
     assert!(
         report.target.command.contains(name),
         "target.command {:?} does not name the fixture {name}",
@@ -580,15 +628,20 @@ pub fn attach_memtrace(pid: i32) -> Proc {
     proc
 }
 
-/// Waits for an attached memtrace to finish and returns its parsed report.
-pub fn finish_memtrace(mut memtrace: Proc) -> Report {
+/// Waits (bounded) for memtrace to finish, which it must do successfully.
+pub fn wait_memtrace_ok(memtrace: &mut Proc) -> Finished {
     let finished = memtrace.wait(RUN_TIMEOUT);
     assert!(
         finished.status.success(),
         "memtrace failed\n{}",
         finished.describe()
     );
-    let report = parse_report(&finished);
+    finished
+}
+
+/// Waits for an attached memtrace to finish and returns its parsed report.
+pub fn finish_memtrace(mut memtrace: Proc) -> Report {
+    let report = parse_report(&wait_memtrace_ok(&mut memtrace));
     report.check_shape();
     report
 }

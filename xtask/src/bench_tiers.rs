@@ -46,6 +46,8 @@ impl Spread {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct TopReport {
     pub(crate) allocated_bytes: u64,
+    /// Allocation events counted (0 in reports that do not say).
+    pub(crate) allocations: u64,
     pub(crate) outstanding_bytes: u64,
     /// (innermost function, outstanding bytes) per stack, in the report's order (largest
     /// first).
@@ -76,6 +78,7 @@ impl TopReport {
             .collect::<Result<_>>()?;
         Ok(Self {
             allocated_bytes: number(&totals["allocated_bytes"], "totals.allocated_bytes")?,
+            allocations: totals["allocations"].as_u64().unwrap_or(0),
             outstanding_bytes: number(&totals["outstanding_bytes"], "totals.outstanding_bytes")?,
             stacks,
         })
@@ -140,12 +143,16 @@ impl TopRun {
     }
 
     /// Waits until memtrace says it traces (`memtrace: attached` for the exact tier,
-    /// `memtrace: counting` for the growth tier).
+    /// `memtrace: counting` for the growth tier, `probes on the interpreter` for CPython
+    /// without libc probes).
     pub(crate) fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let log = self.stderr();
-            if log.contains("memtrace: attached") || log.contains("memtrace: counting") {
+            if log.contains("memtrace: attached")
+                || log.contains("memtrace: counting")
+                || log.contains("probes on the interpreter")
+            {
                 return Ok(());
             }
             if let Some(status) = self.child().try_wait()? {

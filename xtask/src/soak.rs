@@ -143,6 +143,9 @@ fn soak(
         .arg("agent")
         .args(["--cgroup", &format!("{relative}/*")])
         .args(["--interval", INTERVAL, "--window", WINDOW])
+        // Every worker probed from its start (not only once escalated), and none detached
+        // for its budget: the most attaching and detaching the agent can be asked to do.
+        .args(["--probes", "always", "--max-overhead", "0"])
         .args(["--listen", &addr.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

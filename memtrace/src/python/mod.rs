@@ -40,6 +40,14 @@ pub enum PythonMode {
     Exact,
 }
 
+/// [`PythonFile::escalated_mode`], given whether exact mode works on the interpreter.
+fn escalated_mode(configured: PythonMode, exact_works: bool) -> PythonMode {
+    match configured {
+        PythonMode::Growth if exact_works => PythonMode::Exact,
+        mode => mode,
+    }
+}
+
 /// The name of the evaluation loop's native frame, which Python frames replace.
 pub const EVAL_FUNCTION: &str = "_PyEval_EvalFrameDefault";
 
@@ -295,6 +303,15 @@ impl PythonFile {
             .collect()
     }
 
+    /// The mode a process on this interpreter gets while the agent has its container
+    /// escalated, `--python` being `configured`: growth becomes exact, whose probes see
+    /// every object (live objects, exact bytes per Python line), unless this file lacks
+    /// exact mode's functions or is built with LTO (exact mode would miss most objects
+    /// there; growth mode's pool refills see them all).
+    pub fn escalated_mode(&self, configured: PythonMode) -> PythonMode {
+        escalated_mode(configured, self.supports(PythonMode::Exact) && !self.lto)
+    }
+
     /// Whether `mode` has everything it needs in this file.
     pub fn supports(&self, mode: PythonMode) -> bool {
         match mode {
@@ -514,7 +531,14 @@ impl PythonFile {
 /// The interpreter a program will run on before it starts: the program itself (a static
 /// `python3`), or a `libpython3*` its dynamic loader resolves.
 pub fn find_for_program(program: &Path) -> Result<Option<PythonFile>> {
-    if let Some(python) = PythonFile::open(program)? {
+    // Through the cache the launched process's first look will hit: parsing libpython
+    // takes ~0.15 s, time in which a short script would run without its Python frames.
+    let open = |path: &Path| -> Result<Option<PythonFile>> {
+        let file =
+            crate::process::file_id(path).with_context(|| format!("reading {}", path.display()))?;
+        open_cached(path, file)
+    };
+    if let Some(python) = open(program)? {
         return Ok(Some(python));
     }
     let elf = crate::elf::ElfFile::open(program)?;
@@ -535,9 +559,29 @@ pub fn find_for_program(program: &Path) -> Result<Option<PythonFile>> {
         {
             let path = Path::new(resolved.split(" (").next().unwrap_or("").trim());
             if path.is_absolute() {
-                return PythonFile::open(path);
+                return open(path);
             }
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escalation_brings_exact_mode_where_it_works() {
+        assert_eq!(escalated_mode(PythonMode::Growth, true), PythonMode::Exact);
+        // LTO builds or missing symbols: growth's pool refills are all there is.
+        assert_eq!(
+            escalated_mode(PythonMode::Growth, false),
+            PythonMode::Growth
+        );
+        // An explicit choice below growth, or exact itself, stays.
+        for mode in [PythonMode::Off, PythonMode::Frames, PythonMode::Exact] {
+            assert_eq!(escalated_mode(mode, true), mode);
+            assert_eq!(escalated_mode(mode, false), mode);
+        }
+    }
 }

@@ -18,6 +18,9 @@ pub struct PythonTarget {
     shared: bool,
     /// Whether to attach the interpreter's probes at all (not for the always-on tier).
     probes: bool,
+    /// Probed because the agent escalated its container: growth mode becomes exact where
+    /// the interpreter allows it (see [`PythonFile::escalated_mode`]).
+    escalated: bool,
 }
 
 /// What a report says about the Python side.
@@ -49,6 +52,31 @@ impl PythonTarget {
         mode: PythonMode,
         shared: bool,
     ) -> Option<Self> {
+        Self::probed(tracer, resolver, pid, mode, shared, false)
+    }
+
+    /// A running process of a container the agent escalated (`--probes escalate`): like
+    /// [`Self::running`] with probes of its own (as its libc's: no other process traps on
+    /// them), except that growth mode becomes exact mode where the interpreter supports it. Escalation is the bounded
+    /// investigation exact mode is for (a window, under the CPU budget), and only exact
+    /// mode counts live objects.
+    pub fn escalated(
+        tracer: &mut Tracer,
+        resolver: &mut Resolver,
+        pid: u32,
+        mode: PythonMode,
+    ) -> Option<Self> {
+        Self::probed(tracer, resolver, pid, mode, false, true)
+    }
+
+    fn probed(
+        tracer: &mut Tracer,
+        resolver: &mut Resolver,
+        pid: u32,
+        mode: PythonMode,
+        shared: bool,
+        escalated: bool,
+    ) -> Option<Self> {
         if mode == PythonMode::Off {
             return None;
         }
@@ -59,6 +87,7 @@ impl PythonTarget {
             configured: false,
             shared,
             probes: true,
+            escalated,
         };
         target.poll(tracer, resolver);
         target.configured.then_some(target)
@@ -74,6 +103,7 @@ impl PythonTarget {
             configured: false,
             shared: false,
             probes: false,
+            escalated: false,
         };
         target.poll(tracer, resolver);
         target.configured.then_some(target)
@@ -107,6 +137,7 @@ impl PythonTarget {
             configured: false,
             shared: false,
             probes: true,
+            escalated: false,
         })
     }
 
@@ -140,7 +171,12 @@ impl PythonTarget {
             return;
         }
         if self.file.is_none() && self.probes {
-            let shared = self.shared.then_some(found.file_id);
+            if self.escalated {
+                self.mode = found.file.escalated_mode(self.mode);
+            }
+            // Exact mode's probes are never shared: untraced processes mapping the same
+            // file would trap on every object they allocate.
+            let shared = (self.shared && self.mode != PythonMode::Exact).then_some(found.file_id);
             attach_probes(tracer, self.pid, &found.file, self.mode, shared);
         }
         resolver.set_python(found.file.layout, config.skip_code, &found.process_path);
