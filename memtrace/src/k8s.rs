@@ -289,8 +289,9 @@ impl Failure {
         while let Some(e) = cause {
             if let Some(kube) = e.downcast_ref::<kube::Error>() {
                 match kube {
-                    // kube reads a watch line it cannot parse as a Status if it can: one
-                    // without a code did not come from the server's error handling.
+                    // kube turns a watch line that is no event into a Status when it
+                    // parses as one (all its fields are optional): without a code, it
+                    // did not come from the server's error handling.
                     kube::Error::Api(status) if status.code == 0 => return Failure::Malformed,
                     kube::Error::Api(_) => return Failure::Status,
                     kube::Error::SerdeError(_)
