@@ -409,7 +409,11 @@ impl Agent {
             Ok(_) => {}
             Err(e) => log::warn!("sweeping freed live-block entries: {e:#}"),
         }
-        let snapshot = self.tracer.snapshot(&tgids)?;
+        let mut snapshot = self.tracer.snapshot(&tgids)?;
+        // Processes of v1-only containers (hybrid hosts): by container, not shared cgroup.
+        let v1_keys =
+            crate::hybrid::v1_keys(self.processes.iter().map(|(pid, p)| (pid, p.cgroup_id)));
+        crate::hybrid::rekey(&mut snapshot, &v1_keys);
         for traced in self.processes.values_mut() {
             traced
                 .resolver
@@ -417,7 +421,8 @@ impl Agent {
         }
         let sums = self.sum_stacks(&snapshot);
         let labels = self.labels_by_cgroup();
-        let python = self.tracer.python_stats(&tgids)?;
+        let mut python = self.tracer.python_stats(&tgids)?;
+        crate::hybrid::rekey_python(&mut python, &v1_keys);
         self.python_metrics.publish(
             &python,
             |cgroup_id| labels_of(&labels, cgroup_id),
@@ -1266,6 +1271,7 @@ fn start_pods(
             .node_name
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok()),
+        timeout: args.kube_timeout,
     };
     let notify = move || {
         let _ = wake.send(Wake::Discover);

@@ -47,19 +47,32 @@ impl Hierarchy {
     }
 
     /// The id of the cgroup at `path` (relative to the mount, with or without a leading /).
+    /// A container found only in a cgroup v1 hierarchy (a v1 path, see [`crate::hybrid`])
+    /// has no v2 cgroup of its own: it gets a key of its own instead.
     pub fn id(&self, path: &str) -> Result<u64> {
+        if let Some(key) = crate::hybrid::key(path) {
+            return Ok(key);
+        }
         let dir = self.dir(path);
         Ok(std::fs::metadata(&dir)
             .with_context(|| format!("{}", dir.display()))?
             .ino())
     }
 
+    /// The directory of the cgroup at `path`; for a v1 path, its directory in the v1 memory
+    /// controller when that holds it (else a path that does not exist).
     pub fn dir(&self, path: &str) -> PathBuf {
+        if crate::hybrid::split(path).is_some() {
+            return crate::hybrid::memory_dir(path).unwrap_or_default();
+        }
         self.mount.join(path.trim_start_matches('/'))
     }
 
     /// The processes in the cgroup at `path` (not its descendants).
     pub fn processes(&self, path: &str) -> Result<Vec<u32>> {
+        if crate::hybrid::split(path).is_some() {
+            anyhow::bail!("{path} is a cgroup v1 path (see hybrid::V1Container::processes)");
+        }
         let file = self.dir(path).join("cgroup.procs");
         let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())

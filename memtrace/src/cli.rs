@@ -127,6 +127,12 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_NODE_NAME", help_heading = "Kubernetes")]
     pub node_name: Option<String>,
 
+    /// How long the API server may send nothing before a request counts as hung (and is
+    /// retried): connect, list, and every read of a watch. Watches ask the server to end
+    /// them a little earlier, so a quiet watch is never taken for a hung one.
+    #[arg(long, env = "MEMTRACE_KUBE_TIMEOUT", default_value = "5m", value_parser = parse_duration, help_heading = "Kubernetes")]
+    pub kube_timeout: std::time::Duration,
+
     /// Trace only pods of namespaces matching these globs (repeatable).
     #[arg(
         long,

@@ -62,6 +62,10 @@ impl Tracer {
             .with_context(|| format!("watching pid {tgid}"))
     }
 
+    pub fn unwatch_process(&mut self, tgid: u32) {
+        let _ = self.set_watched(maps::WATCHED_PROCESSES, tgid, false);
+    }
+
     /// Adds `key` to (or removes it from) one of the watched sets.
     fn set_watched<K: aya::Pod>(&mut self, map: &str, key: K, watched: bool) -> Result<()> {
         let mut set: BpfHashMap<&mut MapData, K, u32> = BpfHashMap::try_from(self.map_mut(map)?)?;

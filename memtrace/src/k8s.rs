@@ -1,9 +1,11 @@
 //! The pods of this node, from the Kubernetes API: a kube-rs watcher on pods with
 //! `spec.nodeName=<node>` keeps an index from container id (the runtime's, as in the
 //! container's cgroup path) to (namespace, pod, container) and the pod's labels and
-//! annotations. When the API is unreachable the index keeps what it last knew, errors are
-//! counted (`memtrace_kubernetes_errors_total`), and the watcher retries with kube's
-//! exponential backoff (0.8 s doubling to 30 s).
+//! annotations. When the API is unreachable, answers errors or garbage, or hangs, the index
+//! keeps what it last knew, the failure is said in one line per episode and counted
+//! (`memtrace_kubernetes_errors_total{reason}`), and the watcher retries with kube's
+//! exponential backoff (0.8 s doubling to 30 s). A hang is bounded by `--kube-timeout`:
+//! no byte from the server for that long fails the request.
 //!
 //! Kubernetes is used only when asked for: `--kubeconfig FILE`, or in-cluster config (the
 //! `KUBERNETES_SERVICE_HOST` the kubelet sets in every pod). Otherwise memtrace runs on
@@ -23,7 +25,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::{container, metrics::ContainerLabels};
 
@@ -39,6 +41,8 @@ pub type Notify = Box<dyn Fn() + Send + Sync>;
 pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: Option<String>,
+    /// How long the server may send nothing before a request counts as hung.
+    pub timeout: Duration,
 }
 
 /// What the API says of one pod.
@@ -235,8 +239,94 @@ impl Drop for Kubernetes {
 /// Metrics of the watch.
 #[derive(Clone)]
 struct WatchMetrics {
-    errors: IntCounter,
+    /// Failed requests by [`Failure::reason`].
+    errors: IntCounterVec,
     pods: IntGauge,
+}
+
+/// Why a request to the API server failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing came back within `--kube-timeout`.
+    Timeout,
+    /// A response (or a line of a watch) that is not the JSON expected.
+    Malformed,
+    /// The server answered an error status (a 5xx, a 403 ...).
+    Status,
+    /// No connection, or a connection broken off.
+    Connection,
+}
+
+impl Failure {
+    /// The `reason` label of `memtrace_kubernetes_errors_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Malformed => "malformed",
+            Failure::Status => "status",
+            Failure::Connection => "connection",
+        }
+    }
+
+    /// What happened, for the log.
+    fn describe(self, timeout: Duration) -> String {
+        match self {
+            Failure::Timeout => format!("no answer within {timeout:?}"),
+            Failure::Malformed => "a malformed response".into(),
+            Failure::Status => "an error status".into(),
+            Failure::Connection => "cannot connect".into(),
+        }
+    }
+
+    /// Classifies a watcher error by what its chain of causes holds.
+    pub fn of(error: &watcher::Error) -> Failure {
+        match error {
+            watcher::Error::WatchError(_) => return Failure::Status,
+            watcher::Error::NoResourceVersion => return Failure::Malformed,
+            _ => {}
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = cause {
+            if let Some(kube) = e.downcast_ref::<kube::Error>() {
+                match kube {
+                    // kube turns a watch line that is no event into a Status when it
+                    // parses as one (all its fields are optional): without a code, it
+                    // did not come from the server's error handling.
+                    kube::Error::Api(status) if status.code == 0 => return Failure::Malformed,
+                    kube::Error::Api(_) => return Failure::Status,
+                    kube::Error::SerdeError(_)
+                    | kube::Error::FromUtf8(_)
+                    | kube::Error::LinesCodecMaxLineLengthExceeded => return Failure::Malformed,
+                    _ => {}
+                }
+            }
+            if e.is::<serde_json::Error>() {
+                return Failure::Malformed;
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::TimedOut {
+                    return Failure::Timeout;
+                }
+                // An io::Error's `source` skips the error it wraps: look at that too.
+                if let Some(inner) = io.get_ref() {
+                    cause = Some(inner);
+                    continue;
+                }
+            }
+            cause = e.source();
+        }
+        Failure::Connection
+    }
+}
+
+/// How long watches ask the server to run (`timeoutSeconds`): a little less than
+/// `--kube-timeout`, so that a quiet, healthy watch ends before it could count as hung,
+/// and more than `--kube-timeout` minus kube's own 5 s idle margin, so that a watch that
+/// went silent fails on our read timeout (said and counted) rather than being re-opened
+/// silently.
+pub fn watch_seconds(timeout: Duration) -> u32 {
+    let margin = (timeout / 4).min(Duration::from_secs(4));
+    (timeout.saturating_sub(margin).as_secs() as u32).max(1)
 }
 
 impl Kubernetes {
@@ -265,7 +355,7 @@ impl Kubernetes {
             .enable_all()
             .build()?;
         let config = match runtime.block_on(client_config(options.kubeconfig.as_deref())) {
-            Ok(config) => config,
+            Ok(config) => with_timeouts(config, options.timeout),
             // An explicit kubeconfig that does not work is the user's mistake: say so.
             Err(e) if options.kubeconfig.is_some() => return Err(e),
             Err(e) => {
@@ -278,9 +368,13 @@ impl Kubernetes {
             Client::try_from(config).context("Kubernetes client")?
         };
         let metrics = WatchMetrics {
-            errors: IntCounter::new(
-                "memtrace_kubernetes_errors_total",
-                "Failed requests to the Kubernetes API (watch and list; retried with backoff).",
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "memtrace_kubernetes_errors_total",
+                    "Failed requests to the Kubernetes API (list and watch; retried with backoff), \
+                     by reason: timeout, malformed, status, connection.",
+                ),
+                &["reason"],
             )?,
             pods: IntGauge::new(
                 "memtrace_kubernetes_pods",
@@ -290,7 +384,14 @@ impl Kubernetes {
         registry.register(Box::new(metrics.errors.clone()))?;
         registry.register(Box::new(metrics.pods.clone()))?;
         let index = Arc::new(RwLock::new(PodIndex::default()));
-        runtime.spawn(watch(client, node.clone(), index.clone(), metrics, changed));
+        runtime.spawn(watch(
+            client,
+            node.clone(),
+            options.timeout,
+            index.clone(),
+            metrics,
+            changed,
+        ));
         log::info!("watching the pods of node {node}");
         Ok(Some(Self {
             index,
@@ -298,6 +399,21 @@ impl Kubernetes {
             runtime: Some(runtime),
         }))
     }
+}
+
+/// Bounds every request by `timeout` of silence: the read timeout restarts with each byte
+/// received (and with each request written, so that a pooled connection's idle time does
+/// not count), which leaves long watches alone as long as the server keeps them alive.
+fn with_timeouts(mut config: Config, timeout: Duration) -> Config {
+    config.read_timeout = Some(timeout);
+    config.reset_reader_on_write = true;
+    config.write_timeout = Some(timeout);
+    config.connect_timeout = Some(
+        config
+            .connect_timeout
+            .map_or(timeout, |default| default.min(timeout)),
+    );
+    config
 }
 
 async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config> {
@@ -317,30 +433,44 @@ async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config> {
 async fn watch(
     client: Client,
     node: String,
+    timeout: Duration,
     index: Arc<RwLock<PodIndex>>,
     metrics: WatchMetrics,
     changed: Notify,
 ) {
     let pods: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let config = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node}"))
+        .timeout(watch_seconds(timeout));
     let mut events = std::pin::pin!(watcher(pods, config).default_backoff());
-    let mut failing = false;
+    // The kind of failure of the episode going on, if any.
+    let mut failing: Option<Failure> = None;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => event,
+            // The resource version is too old (compacted): kube lists again. Routine.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                log::debug!("Kubernetes API: {status:?}; listing again");
+                continue;
+            }
             Err(e) => {
-                metrics.errors.inc();
-                // One line per outage, not per retry; the counter says how many.
-                if !failing {
-                    log::warn!("Kubernetes API: {e}; keeping the last known pods, retrying");
+                let failure = Failure::of(&e);
+                metrics.errors.with_label_values(&[failure.reason()]).inc();
+                // One line per episode (and kind of failure), not per retry; the counter
+                // says how many.
+                if failing != Some(failure) {
+                    log::warn!(
+                        "Kubernetes API: {} ({e}); keeping the last known pods, retrying",
+                        failure.describe(timeout)
+                    );
                 }
-                failing = true;
+                failing = Some(failure);
                 continue;
             }
         };
-        if failing {
-            log::info!("Kubernetes API reachable again");
-            failing = false;
+        // `Init` only says a (re)list begins: the server has not answered yet.
+        if !matches!(event, watcher::Event::Init) && failing.take().is_some() {
+            log::info!("Kubernetes API answers again");
         }
         let mut index = index.write().unwrap_or_else(|e| e.into_inner());
         match event {
@@ -467,6 +597,73 @@ mod tests {
         let _guard = runtime.enter();
         let config = Config::new("https://127.0.0.1:6443".parse().unwrap());
         Client::try_from(config).unwrap();
+    }
+
+    #[test]
+    fn failures_are_told_apart() {
+        use std::io::{Error as IoError, ErrorKind};
+        let list = watcher::Error::InitialListFailed;
+        let garbage = serde_json::from_str::<serde_json::Value>("{\"items\": [").unwrap_err();
+        let cases = [
+            (list(kube::Error::SerdeError(garbage)), Failure::Malformed),
+            (watcher::Error::NoResourceVersion, Failure::Malformed),
+            (
+                watcher::Error::WatchFailed(kube::Error::Api(
+                    serde_json::from_str::<kube::core::Status>(r#"{"type": "ADDED"}"#)
+                        .unwrap()
+                        .boxed(),
+                )),
+                Failure::Malformed,
+            ),
+            (
+                list(kube::Error::Api(
+                    kube::core::Status::failure("fake outage", "InternalError")
+                        .with_code(500)
+                        .boxed(),
+                )),
+                Failure::Status,
+            ),
+            (
+                watcher::Error::WatchStartFailed(kube::Error::ReadEvents(IoError::from(
+                    ErrorKind::TimedOut,
+                ))),
+                Failure::Timeout,
+            ),
+            // A timeout wrapped in another io::Error (as hyper's body errors are).
+            (
+                watcher::Error::WatchFailed(kube::Error::ReadEvents(IoError::other(
+                    IoError::from(ErrorKind::TimedOut),
+                ))),
+                Failure::Timeout,
+            ),
+            (
+                list(kube::Error::ReadEvents(IoError::from(
+                    ErrorKind::ConnectionRefused,
+                ))),
+                Failure::Connection,
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(Failure::of(&error), expected, "{error}");
+        }
+    }
+
+    #[test]
+    fn watches_end_before_they_could_count_as_hung() {
+        for secs in [1, 2, 3, 10, 20, 60, 300, 3600] {
+            let timeout = Duration::from_secs(secs);
+            let watch = Duration::from_secs(watch_seconds(timeout).into());
+            assert!(watch >= Duration::from_secs(1));
+            if secs > 1 {
+                assert!(watch < timeout, "{secs}: {watch:?}");
+            }
+            // kube re-opens a watch silent for its timeout + 5 s: ours must fire first.
+            assert!(
+                watch + Duration::from_secs(5) > timeout,
+                "{secs}: {watch:?}"
+            );
+        }
+        assert_eq!(watch_seconds(Duration::from_secs(300)), 296);
     }
 
     fn labels_of_unknown(index: &mut PodIndex, found: &container::ContainerRef) -> [String; 3] {

@@ -17,6 +17,7 @@ pub mod escalate;
 pub mod features;
 pub mod growth;
 pub mod http;
+pub mod hybrid;
 pub mod k8s;
 pub mod launch;
 pub mod lifecycle;

@@ -1,13 +1,17 @@
 //! Node-wide discovery on Kubernetes: every container cgroup under the kubelet's
 //! `kubepods` hierarchy whose pod the [`Policy`] selects is traced, labelled by its pod
 //! from the [`k8s`](crate::k8s) index, or by its container id while its pod is not known.
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+};
 
 use anyhow::Result;
 
 use crate::{
     cgroup::Hierarchy,
     container::{self, ContainerRef},
+    hybrid,
     k8s::{self, Kubernetes, Lookup, Notify},
     metrics::ContainerLabels,
     policy::{self, PodFacts, Policy},
@@ -35,30 +39,44 @@ impl PodDiscovery {
         Ok(Kubernetes::start(options, registry, changed)?.map(|kube| Self { kube, policy }))
     }
 
-    /// Adds the processes of every selected container to `wanted` (pid → cgroup path).
+    /// Adds the processes of every selected container to `wanted` (pid → cgroup path; a
+    /// v1 path for a container only a cgroup v1 hierarchy has, see [`hybrid`]).
     pub fn wanted(&self, hierarchy: &Hierarchy, wanted: &mut BTreeMap<u32, String>) {
         let index = self.kube.index.read().unwrap_or_else(|e| e.into_inner());
-        for (path, found) in containers(&hierarchy.mount) {
-            let selected = match index.lookup(&found) {
-                // A cgroup of a known pod that none of its statuses names: the pod's sandbox
-                // (the static `pause` process), or a container the kubelet has not reported
-                // yet (the status update wakes discovery again).
-                Lookup::Known {
-                    container: None, ..
-                } => false,
-                Lookup::Known { pod, .. } => self.policy.traces(PodFacts {
-                    namespace: &pod.namespace,
-                    labels: &pod.labels,
-                    annotations: &pod.annotations,
-                }),
-                Lookup::Deleted => false,
-                Lookup::Unknown => self.policy.traces_unknown(),
-            };
-            if selected {
+        let in_v2 = containers(&hierarchy.mount);
+        let ids: HashSet<String> = in_v2.iter().map(|(_, c)| c.id.clone()).collect();
+        for (path, found) in in_v2 {
+            if self.selects(&index, &found) {
                 for pid in hierarchy.processes(&path).unwrap_or_default() {
                     wanted.insert(pid, path.clone());
                 }
             }
+        }
+        // Hybrid hosts with the cgroupfs driver: containers that only v1 hierarchies have.
+        for v1 in hybrid::containers(&ids) {
+            if self.selects(&index, &v1.container) {
+                for pid in v1.processes() {
+                    wanted.entry(pid).or_insert_with(|| v1.path.clone());
+                }
+            }
+        }
+    }
+
+    fn selects(&self, index: &k8s::PodIndex, found: &ContainerRef) -> bool {
+        match index.lookup(found) {
+            // A cgroup of a known pod that none of its statuses names: the pod's sandbox
+            // (the static `pause` process), or a container the kubelet has not reported
+            // yet (the status update wakes discovery again).
+            Lookup::Known {
+                container: None, ..
+            } => false,
+            Lookup::Known { pod, .. } => self.policy.traces(PodFacts {
+                namespace: &pod.namespace,
+                labels: &pod.labels,
+                annotations: &pod.annotations,
+            }),
+            Lookup::Deleted => false,
+            Lookup::Unknown => self.policy.traces_unknown(),
         }
     }
 

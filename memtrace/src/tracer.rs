@@ -530,11 +530,15 @@ impl Tracer {
     pub fn oldest_live(&self, stacks: &HashSet<UsageKey>) -> Result<HashMap<UsageKey, u64>> {
         let allocs: BpfHashMap<&MapData, AllocKey, AllocInfo> =
             BpfHashMap::try_from(self.map(maps::ALLOCS)?)?;
+        // By process and stack: the agent re-keys the cgroup of some processes (hybrid).
+        let wanted: HashMap<(u32, u64), UsageKey> =
+            stacks.iter().map(|k| ((k.tgid, k.stack_id), *k)).collect();
         let mut oldest: HashMap<UsageKey, u64> = HashMap::new();
         // Entries may vanish while we walk: skip what fails to read.
         for (_, info) in allocs.iter().filter_map(Result::ok) {
-            if info.size != FREED && stacks.contains(&info.usage) {
-                let time = oldest.entry(info.usage).or_insert(info.timestamp_ns);
+            let key = wanted.get(&(info.usage.tgid, info.usage.stack_id));
+            if let Some(key) = key.filter(|_| info.size != FREED) {
+                let time = oldest.entry(*key).or_insert(info.timestamp_ns);
                 *time = (*time).min(info.timestamp_ns);
             }
         }

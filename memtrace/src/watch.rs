@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     detect::{Assessment, DetectorConfig, Point, Series},
+    hybrid,
     metrics::{ContainerLabels, Metrics},
     profile::ProfileSample,
     python::session::PythonTarget,
@@ -142,7 +143,11 @@ impl Watch {
             .copied()
             .collect();
         for pid in gone {
-            self.processes.remove(&pid);
+            if let Some((id, _)) = self.processes.remove(&pid)
+                && hybrid::is_v1_key(id)
+            {
+                tracer.unwatch_process(pid);
+            }
             self.populated.remove(&pid);
             let _ = tracer.forget_python(&HashSet::from([pid]));
             if let Err(e) = tracer.forget_growth(pid) {
@@ -154,8 +159,15 @@ impl Watch {
                 log::warn!("freeing the mapping entries of pid {pid}: {e:#}");
             }
         }
-        for (&pid, (cgroup_id, _)) in wanted {
+        for (&pid, (cgroup_id, labels)) in wanted {
             self.processes.entry(pid).or_insert_with(|| {
+                // A process of a v1-only container shares its v2 cgroup with others: its
+                // page faults are counted per process.
+                if hybrid::is_v1_key(*cgroup_id)
+                    && let Err(e) = tracer.watch_process(pid)
+                {
+                    log::warn!("cannot watch pid {pid} ({}): {e:#}", labels.container);
+                }
                 let mut resolver = Resolver::new(pid);
                 resolver.refresh_map();
                 // A CPython process: its Python frames go into the stacks of its page
@@ -201,7 +213,13 @@ impl Watch {
                 }
                 continue;
             }
-            match tracer.watch_cgroup(*cgroup_id) {
+            // A v1-only container's processes are watched one by one (above).
+            let watching = if hybrid::is_v1_key(*cgroup_id) {
+                Ok(())
+            } else {
+                tracer.watch_cgroup(*cgroup_id)
+            };
+            match watching {
                 Ok(()) => {
                     log::info!("watching {} (pid {pid}) for growth", labels.container);
                     self.containers.insert(
@@ -263,8 +281,12 @@ impl Watch {
         metrics: &Metrics,
     ) -> Observed {
         // Every entry, watched or not: those of processes no longer watched are let go below.
+        let v1_keys = hybrid::v1_keys(self.processes.iter().map(|(pid, (id, _))| (pid, *id)));
         let snapshot = match tracer.growth_snapshot(|_| true) {
-            Ok(snapshot) => snapshot,
+            Ok(mut snapshot) => {
+                hybrid::rekey(&mut snapshot, &v1_keys);
+                snapshot
+            }
             Err(e) => {
                 log::warn!("reading the always-on tier's maps: {e:#}");
                 return Observed::default();
@@ -512,13 +534,22 @@ fn top_sites(mut sites: Vec<GrowthSite>, rank: impl Fn(&GrowthSite) -> u64) -> V
 /// Anonymous memory of a cgroup v2 directory (`anon` in its `memory.stat`), when its memory
 /// controller is enabled there.
 fn cgroup_anon(dir: &std::path::Path) -> Option<u64> {
+    // No directory: a v1-only container whose memory controller is not mounted.
+    if !dir.is_absolute() {
+        return None;
+    }
     let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
     parse_memory_stat_anon(&stat)
 }
 
+/// `anon` (cgroup v2), or `total_rss` (the v1 memory controller, for containers of hybrid
+/// hosts: anonymous memory and swap cache, with descendants, as v2's `anon`).
 fn parse_memory_stat_anon(stat: &str) -> Option<u64> {
     stat.lines()
-        .find_map(|line| line.strip_prefix("anon "))
+        .find_map(|line| {
+            line.strip_prefix("anon ")
+                .or_else(|| line.strip_prefix("total_rss "))
+        })
         .and_then(|value| value.trim().parse().ok())
 }
 
@@ -541,6 +572,8 @@ mod tests {
         assert_eq!(parse_memory_stat_anon(stat), Some(1_234_567));
         assert_eq!(parse_memory_stat_anon("file 42\n"), None);
         assert_eq!(parse_memory_stat_anon("anon lots\n"), None);
+        let v1 = "cache 4096\nrss 8192\nrss_huge 0\ntotal_cache 4096\ntotal_rss 12288\n";
+        assert_eq!(parse_memory_stat_anon(v1), Some(12288));
     }
 
     #[test]

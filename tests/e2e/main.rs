@@ -43,6 +43,8 @@ mod munmap;
 mod nested;
 mod pods_churn;
 mod pods_escalate;
+mod pods_faults;
+mod pods_hybrid;
 mod pods_labels;
 mod pods_libc;
 mod python_agent;

@@ -131,7 +131,7 @@ fn pods_label_series_by_pod() {
     // An API outage: errors are counted, the labels stay.
     api.set_failing(true);
     agent.wait_for("counted API errors", FEW_INTERVALS, |s| {
-        s.value("memtrace_kubernetes_errors_total", &[])
+        s.value("memtrace_kubernetes_errors_total", &[("reason", "status")])
             .filter(|v| *v >= 1.0)
     });
     let scrape = agent.scrape();

@@ -1,7 +1,9 @@
 //! Helpers for the `pods_*` tests: a fake Kubernetes API server on loopback that serves
 //! real Pod JSON (list and watch, with resource versions) to the agent's real kube client,
 //! a kubeconfig pointing at it, and kubelet-style cgroup hierarchies (systemd driver) under
-//! a test's cgroup root.
+//! a test's cgroup root. The server can misbehave on demand: an outage (500s), garbage
+//! (malformed or wrongly shaped JSON, a garbage line in a watch), or a hang (connections
+//! accepted, never answered).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -18,9 +20,28 @@ use crate::agent_util::*;
 /// The node the agent is told it runs on.
 pub const NODE: &str = "node-e2e";
 
-/// How long a watch response stays open before the server ends it (the client then
-/// watches again from its last resource version, as with a real API server).
+/// How long a watch response stays open at most before the server ends it (the client
+/// then watches again from its last resource version, as with a real API server); less
+/// when the request's `timeoutSeconds` says so.
 const WATCH_SLICE: Duration = Duration::from_secs(20);
+
+/// How the fake API server answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Healthy,
+    /// Every request answers 500 (an API outage); open watches end.
+    Failing,
+    /// Lists answer 200 with JSON cut short.
+    MalformedList,
+    /// Lists answer 200 with well-formed JSON of the wrong shape (`items` an object).
+    WrongShapeList,
+    /// Connections are accepted and never answered; open watches go silent. When the mode
+    /// ends, those connections are closed without an answer.
+    Hanging,
+    /// Like `Hanging`, for lists only (watches are served).
+    HangingLists,
+}
 
 /// One pod of the fake cluster.
 #[derive(Clone, Debug)]
@@ -107,8 +128,9 @@ struct State {
     pods: BTreeMap<String, (FakePod, u64)>,
     /// Every change: (resource version, ADDED/MODIFIED/DELETED, object).
     events: Vec<(u64, &'static str, FakePod)>,
-    /// Answer every request with 500 (an API outage), and end open watches.
-    failing: bool,
+    /// Raw lines watches send once they are past their resource version (garbage).
+    raw_lines: Vec<(u64, String)>,
+    mode: Mode,
     /// Requests served, as request lines (for assertions on the field selector).
     requests: Vec<String>,
     stopped: bool,
@@ -198,9 +220,36 @@ impl FakeApiServer {
 
     /// Starts or ends an outage: every request answers 500, open watches end.
     pub fn set_failing(&self, failing: bool) {
+        self.set_mode(if failing {
+            Mode::Failing
+        } else {
+            Mode::Healthy
+        });
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
         let (lock, cvar) = &*self.state;
-        lock.lock().unwrap().failing = failing;
+        lock.lock().unwrap().mode = mode;
         cvar.notify_all();
+    }
+
+    /// Makes every watch (open now, or opened from an older resource version) send `line`
+    /// as if it were an event, then go on with the real ones.
+    pub fn watch_line(&self, line: &str) {
+        let (lock, cvar) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        s.resource_version += 1;
+        let rv = s.resource_version;
+        s.raw_lines.push((rv, line.to_owned()));
+        cvar.notify_all();
+    }
+
+    /// Watch requests served so far.
+    pub fn watches(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.contains("watch=true"))
+            .count()
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -241,6 +290,12 @@ fn respond(conn: &mut TcpStream, status: &str, body: &Value) {
     );
 }
 
+/// What a watch sends: an event, or a raw line.
+enum WatchLine {
+    Event(&'static str, FakePod),
+    Raw(String),
+}
+
 /// Serves one request and closes the connection.
 fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
@@ -268,7 +323,21 @@ fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
     {
         let mut s = lock.lock().unwrap();
         s.requests.push(request_line.trim().to_owned());
-        if s.failing {
+        let is_watch = target.contains("watch=true") || target.contains("watch=1");
+        let hang = match s.mode {
+            Mode::Hanging => true,
+            Mode::HangingLists => !is_watch,
+            _ => false,
+        };
+        if hang {
+            // Accepted, never answered: hold the connection until the mode ends.
+            let mode = s.mode;
+            while s.mode == mode && !s.stopped {
+                s = cvar.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
+            }
+            return;
+        }
+        if s.mode == Mode::Failing {
             drop(s);
             respond(
                 &mut conn,
@@ -295,32 +364,55 @@ fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
         let from: u64 = query_param(query, "resourceVersion")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let slice = query_param(query, "timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map_or(WATCH_SLICE, |secs| {
+                Duration::from_secs(secs).min(WATCH_SLICE)
+            });
         let _ = write!(
             conn,
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         );
         let _ = conn.flush();
         let mut sent = from;
-        let until = Instant::now() + WATCH_SLICE;
+        let until = Instant::now() + slice;
         let mut s = lock.lock().unwrap();
         loop {
-            if s.stopped || s.failing || Instant::now() >= until {
+            if s.mode == Mode::Hanging {
+                // Silent from now on; dropped without an end when the hang is over.
+                while s.mode == Mode::Hanging && !s.stopped {
+                    s = cvar.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
+                }
+                return;
+            }
+            if s.stopped || s.mode == Mode::Failing || Instant::now() >= until {
                 break;
             }
-            let new: Vec<(u64, &'static str, FakePod)> = s
+            // Events and raw lines after `sent`, in resource-version order.
+            let mut new: Vec<(u64, WatchLine)> = s
                 .events
                 .iter()
                 .filter(|(rv, _, _)| *rv > sent)
-                .cloned()
+                .map(|(rv, kind, pod)| (*rv, WatchLine::Event(kind, pod.clone())))
+                .chain(
+                    s.raw_lines
+                        .iter()
+                        .filter(|(rv, _)| *rv > sent)
+                        .map(|(rv, line)| (*rv, WatchLine::Raw(line.clone()))),
+                )
                 .collect();
+            new.sort_by_key(|(rv, _)| *rv);
             if !new.is_empty() {
                 drop(s);
-                for (rv, kind, pod) in new {
+                for (rv, line) in new {
                     sent = rv;
-                    if !on_node(&pod) {
-                        continue;
-                    }
-                    let line = format!("{}\n", json!({"type": kind, "object": pod.json(rv)}));
+                    let line = match line {
+                        WatchLine::Raw(raw) => format!("{raw}\n"),
+                        WatchLine::Event(_, pod) if !on_node(&pod) => continue,
+                        WatchLine::Event(kind, pod) => {
+                            format!("{}\n", json!({"type": kind, "object": pod.json(rv)}))
+                        }
+                    };
                     if write!(conn, "{:x}\r\n{line}\r\n", line.len())
                         .and_then(|()| conn.flush())
                         .is_err()
@@ -338,6 +430,31 @@ fn serve(mut conn: TcpStream, state: &(Mutex<State>, Condvar)) {
         return;
     }
     let s = lock.lock().unwrap();
+    match s.mode {
+        Mode::MalformedList => {
+            let rv = s.resource_version;
+            drop(s);
+            let body = format!(
+                r#"{{"kind":"PodList","apiVersion":"v1","metadata":{{"resourceVersion":"{rv}"}},"items":[{{"metadata":"#
+            );
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            return;
+        }
+        Mode::WrongShapeList => {
+            let rv = s.resource_version;
+            drop(s);
+            let wrong = json!({"kind": "PodList", "apiVersion": "v1",
+                               "metadata": {"resourceVersion": rv.to_string()},
+                               "items": {"web-1": {"metadata": {"uid": 42}}}});
+            respond(&mut conn, "200 OK", &wrong);
+            return;
+        }
+        _ => {}
+    }
     let items: Vec<Value> = s
         .pods
         .values()
