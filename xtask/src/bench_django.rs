@@ -24,7 +24,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_tiers::{Spread, TopRun, plus_minus};
+use crate::bench_tiers::{
+    RequestTiming as Timing, Spread, TopRun, page_size, paired_costs, plus_minus, rotated,
+};
 
 /// Rounds; each measures every mode once.
 const ROUNDS: usize = 6;
@@ -74,24 +76,6 @@ impl Mode {
             Mode::Escalated => Some(&["--python", "growth"]),
             Mode::Exact => Some(&["--python", "exact"]),
         }
-    }
-}
-
-/// One measurement: `requests` requests, the wall time they took, and the server's CPU.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Timing {
-    requests: u64,
-    wall_s: f64,
-    cpu_s: f64,
-}
-
-impl Timing {
-    fn requests_per_second(&self) -> f64 {
-        self.requests as f64 / self.wall_s
-    }
-
-    fn cpu_us_per_request(&self) -> f64 {
-        self.cpu_s * 1e6 / self.requests as f64
     }
 }
 
@@ -177,9 +161,7 @@ pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
 }
 
 fn order(round: usize) -> [Mode; 5] {
-    let mut modes = MODES;
-    modes.rotate_left(round % MODES.len());
-    modes
+    rotated(MODES, round)
 }
 
 /// What one probed allocator call costs here, from `memtrace calibrate --json`.
@@ -198,20 +180,6 @@ fn calibrated_alloc_us(memtrace: &Path) -> Result<f64> {
         .as_f64()
         .map(|ns| ns / 1000.0)
         .context("memtrace calibrate --json has no cost.alloc_ns")
-}
-
-/// Each traced measurement's CPU per request against the untraced one of its round, less 1.
-fn paired_costs(timings: &[(Mode, usize, Timing)], mode: Mode) -> Vec<f64> {
-    timings
-        .iter()
-        .filter(|(m, _, _)| *m == mode)
-        .filter_map(|(_, round, timing)| {
-            let untraced = timings
-                .iter()
-                .find(|(m, r, _)| *m == Mode::Untraced && r == round)?;
-            Some(timing.cpu_us_per_request() / untraced.2.cpu_us_per_request() - 1.0)
-        })
-        .collect()
 }
 
 fn of_mode(timings: &[(Mode, usize, Timing)], mode: Mode, f: fn(&Timing) -> f64) -> Spread {
@@ -270,7 +238,11 @@ fn table(
                 (
                     format!(
                         "{} %",
-                        plus_minus(Spread::of(&paired_costs(timings, mode)), 100.0, 1)
+                        plus_minus(
+                            Spread::of(&paired_costs(timings, mode, Mode::Untraced)),
+                            100.0,
+                            1
+                        )
                     ),
                     format!("{:.3} {unit}", events_per_request(seen, mode)),
                     format!(
@@ -292,10 +264,11 @@ fn table(
 }
 
 fn summary(timings: &[(Mode, usize, Timing)], seen: &[(Mode, Seen)], per_call_us: f64) -> String {
-    let measured = Spread::of(&paired_costs(timings, Mode::Growth));
+    let measured = Spread::of(&paired_costs(timings, Mode::Growth, Mode::Untraced));
     let estimated = estimate(timings, seen, Mode::Growth, per_call_us);
     // Where a cost is large enough to measure, how much more it came to than its estimate.
-    let escalated_shortfall = Spread::of(&paired_costs(timings, Mode::Escalated)).mean
+    let escalated_shortfall = Spread::of(&paired_costs(timings, Mode::Escalated, Mode::Untraced))
+        .mean
         / estimate(timings, seen, Mode::Escalated, per_call_us);
     let verdict = if estimated * escalated_shortfall.max(1.0) < GROWTH_GOAL {
         "within the goal"
@@ -406,12 +379,6 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
-}
-
 fn pyenv_python(minor: &str) -> Option<PathBuf> {
     let root = std::env::var_os("PYENV_ROOT")
         .map(PathBuf::from)
@@ -486,14 +453,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_mode_leads_a_round_in_turn() {
-        let firsts: Vec<Mode> = (0..5).map(|round| order(round)[0]).collect();
-        assert_eq!(firsts, MODES);
-        assert_eq!(order(5), order(0));
-    }
-
-    #[test]
-    fn costs_are_paired_by_round_and_estimated_from_the_count() {
+    fn costs_are_estimated_from_the_count() {
         let timing = |cpu_s| Timing {
             requests: 1000,
             wall_s: 1.0,
@@ -505,8 +465,6 @@ mod tests {
             (Mode::Untraced, 1, timing(2.0)),
             (Mode::Growth, 1, timing(2.0)),
         ];
-        let costs = paired_costs(&timings, Mode::Growth);
-        assert!((costs[0] - 0.1).abs() < 1e-9 && costs[1].abs() < 1e-9);
         // 1.5 ms of CPU per request untraced; 0.01 hits per request at 3 µs: 0.002 %.
         let seen = [(
             Mode::Growth,

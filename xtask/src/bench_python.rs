@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_tiers::{Spread, TopRun, plus_minus};
+use crate::bench_tiers::{
+    RequestTiming as Timing, Spread, TopRun, page_size, paired_costs, plus_minus, rotated,
+};
 
 /// Rounds; each measures every mode once.
 const ROUNDS: usize = 12;
@@ -62,42 +64,24 @@ impl Mode {
     }
 }
 
-/// One measurement of `run N`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Timing {
-    requests: u64,
-    wall_s: f64,
-    cpu_s: f64,
-}
-
-impl Timing {
-    /// Parses the script's answer `done N WALL_SECONDS CPU_SECONDS`.
-    fn parse(line: &str) -> Result<Self> {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [done, requests, wall, cpu] = fields[..] else {
-            bail!("the request loop answered {line:?}");
-        };
-        if done != "done" {
-            bail!("the request loop answered {line:?}");
-        }
-        let timing = Self {
-            requests: requests.parse()?,
-            wall_s: wall.parse()?,
-            cpu_s: cpu.parse()?,
-        };
-        if timing.requests == 0 || timing.wall_s <= 0.0 || timing.cpu_s <= 0.0 {
-            bail!("the request loop answered {line:?}");
-        }
-        Ok(timing)
+/// Parses the script's answer `done N WALL_SECONDS CPU_SECONDS`.
+fn parse_answer(line: &str) -> Result<Timing> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [done, requests, wall, cpu] = fields[..] else {
+        bail!("the request loop answered {line:?}");
+    };
+    if done != "done" {
+        bail!("the request loop answered {line:?}");
     }
-
-    fn requests_per_second(&self) -> f64 {
-        self.requests as f64 / self.wall_s
+    let timing = Timing {
+        requests: requests.parse()?,
+        wall_s: wall.parse()?,
+        cpu_s: cpu.parse()?,
+    };
+    if timing.requests == 0 || timing.wall_s <= 0.0 || timing.cpu_s <= 0.0 {
+        bail!("the request loop answered {line:?}");
     }
-
-    fn cpu_us_per_request(&self) -> f64 {
-        self.cpu_s * 1e6 / self.requests as f64
-    }
+    Ok(timing)
 }
 
 /// The Python request loop, driven over stdin/stdout; killed and reaped when dropped.
@@ -150,7 +134,7 @@ impl RequestLoop {
     fn run(&mut self, requests: u64) -> Result<Timing> {
         writeln!(self.stdin, "run {requests}")?;
         self.stdin.flush()?;
-        Timing::parse(&self.answer()?)
+        parse_answer(&self.answer()?)
     }
 }
 
@@ -193,9 +177,7 @@ fn python_version(python: &Path) -> String {
 
 /// The order of the modes in round `round`: rotated, so each comes first as often.
 fn order(round: usize) -> [Mode; 3] {
-    let mut modes = MODES;
-    modes.rotate_left(round % MODES.len());
-    modes
+    rotated(MODES, round)
 }
 
 pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
@@ -269,20 +251,6 @@ pub fn run(root: &Path, target_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Each traced measurement's CPU per request against the untraced one of its round, less 1.
-fn paired_costs(timings: &[(Mode, usize, Timing)], mode: Mode) -> Vec<f64> {
-    timings
-        .iter()
-        .filter(|(m, _, _)| *m == mode)
-        .filter_map(|(_, round, timing)| {
-            let untraced = timings
-                .iter()
-                .find(|(m, r, _)| *m == Mode::Untraced && r == round)?;
-            Some(timing.cpu_us_per_request() / untraced.2.cpu_us_per_request() - 1.0)
-        })
-        .collect()
-}
-
 /// The lowest CPU per request of a mode: the run least disturbed by the machine's other work.
 fn best_cpu(timings: &[(Mode, usize, Timing)], mode: Mode) -> f64 {
     timings
@@ -290,12 +258,6 @@ fn best_cpu(timings: &[(Mode, usize, Timing)], mode: Mode) -> f64 {
         .filter(|(m, _, _)| *m == mode)
         .map(|(_, _, t)| t.cpu_us_per_request())
         .fold(f64::INFINITY, f64::min)
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
 }
 
 fn table(timings: &[(Mode, usize, Timing)], seen: &[(Mode, u64)]) -> Result<String> {
@@ -323,7 +285,11 @@ fn table(timings: &[(Mode, usize, Timing)], seen: &[(Mode, u64)]) -> Result<Stri
             _ => (
                 format!(
                     "{} %",
-                    plus_minus(Spread::of(&paired_costs(timings, mode)), 100.0, 2)
+                    plus_minus(
+                        Spread::of(&paired_costs(timings, mode, Mode::Untraced)),
+                        100.0,
+                        2
+                    )
                 ),
                 format!("{:+.2} %", (best / best_untraced - 1.0) * 100.0),
             ),
@@ -354,7 +320,7 @@ fn table(timings: &[(Mode, usize, Timing)], seen: &[(Mode, u64)]) -> Result<Stri
 }
 
 fn summary(timings: &[(Mode, usize, Timing)]) -> String {
-    let cost = Spread::of(&paired_costs(timings, Mode::AlwaysOn));
+    let cost = Spread::of(&paired_costs(timings, Mode::AlwaysOn, Mode::Untraced));
     let (low, high) = (
         cost.mean - cost.half_interval(),
         cost.mean + cost.half_interval(),
@@ -389,45 +355,16 @@ mod tests {
     #[test]
     fn reads_the_loops_answer() {
         assert_eq!(
-            Timing::parse("done 20000 1.050588 0.672637").unwrap(),
+            parse_answer("done 20000 1.050588 0.672637").unwrap(),
             Timing {
                 requests: 20000,
                 wall_s: 1.050588,
                 cpu_s: 0.672637
             }
         );
-        assert!(Timing::parse("error: unknown command 'x'").is_err());
-        assert!(Timing::parse("done 0 1.0 1.0").is_err());
-        assert!(Timing::parse("done 10 1.0").is_err());
-        assert!(Timing::parse("ready 10 1.0 2.0").is_err());
-    }
-
-    #[test]
-    fn every_mode_leads_a_round_in_turn() {
-        let firsts: Vec<Mode> = (0..3).map(|round| order(round)[0]).collect();
-        assert_eq!(firsts, MODES);
-        assert_eq!(order(3), order(0));
-    }
-
-    #[test]
-    fn costs_are_paired_by_round() {
-        let timing = |cpu_s| Timing {
-            requests: 1000,
-            wall_s: 1.0,
-            cpu_s,
-        };
-        let timings = [
-            (Mode::Untraced, 0, timing(1.0)),
-            (Mode::AlwaysOn, 0, timing(1.01)),
-            (Mode::Untraced, 1, timing(2.0)),
-            (Mode::AlwaysOn, 1, timing(2.0)),
-            (Mode::Escalated, 1, timing(3.0)),
-        ];
-        let costs = paired_costs(&timings, Mode::AlwaysOn);
-        assert_eq!(costs.len(), 2);
-        assert!((costs[0] - 0.01).abs() < 1e-9 && costs[1].abs() < 1e-9);
-        assert_eq!(paired_costs(&timings, Mode::Escalated), vec![0.5]);
-        assert_eq!(best_cpu(&timings, Mode::Untraced), 1000.0);
-        assert_eq!(best_cpu(&timings, Mode::AlwaysOn), 1010.0);
+        assert!(parse_answer("error: unknown command 'x'").is_err());
+        assert!(parse_answer("done 0 1.0 1.0").is_err());
+        assert!(parse_answer("done 10 1.0").is_err());
+        assert!(parse_answer("ready 10 1.0 2.0").is_err());
     }
 }

@@ -216,6 +216,57 @@ impl Drop for TopRun {
     }
 }
 
+/// One measurement of a server: requests served, their wall time, and the server's CPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RequestTiming {
+    pub(crate) requests: u64,
+    pub(crate) wall_s: f64,
+    pub(crate) cpu_s: f64,
+}
+
+impl RequestTiming {
+    pub(crate) fn requests_per_second(&self) -> f64 {
+        self.requests as f64 / self.wall_s
+    }
+
+    pub(crate) fn cpu_us_per_request(&self) -> f64 {
+        self.cpu_s * 1e6 / self.requests as f64
+    }
+}
+
+/// `modes` in the order of round `round`: each leads a round in turn, so drift (the
+/// machine is shared) falls on all alike.
+pub(crate) fn rotated<M: Copy, const N: usize>(mut modes: [M; N], round: usize) -> [M; N] {
+    modes.rotate_left(round % N.max(1));
+    modes
+}
+
+/// Each measurement of `mode`'s CPU per request against the `untraced` one of its round,
+/// less 1.
+pub(crate) fn paired_costs<M: PartialEq + Copy>(
+    timings: &[(M, usize, RequestTiming)],
+    mode: M,
+    untraced: M,
+) -> Vec<f64> {
+    timings
+        .iter()
+        .filter(|(m, _, _)| *m == mode)
+        .filter_map(|(_, round, timing)| {
+            let base = timings
+                .iter()
+                .find(|(m, r, _)| *m == untraced && r == round)?;
+            Some(timing.cpu_us_per_request() / base.2.cpu_us_per_request() - 1.0)
+        })
+        .collect()
+}
+
+/// This machine's page size.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}
+
 /// `12.3 ± 0.4` with `digits` decimals.
 pub(crate) fn plus_minus(spread: Spread, scale: f64, digits: usize) -> String {
     format!(
@@ -236,6 +287,38 @@ mod tests {
         assert!((spread.sd - 1.290_994).abs() < 1e-6);
         assert!((spread.half_interval() - 1.290_994).abs() < 1e-6);
         assert_eq!(Spread::of(&[5.0]).sd, 0.0);
+    }
+
+    #[test]
+    fn every_mode_leads_a_round_in_turn() {
+        let firsts: Vec<u8> = (0..3).map(|round| rotated([0u8, 1, 2], round)[0]).collect();
+        assert_eq!(firsts, [0, 1, 2]);
+        assert_eq!(rotated([0u8, 1, 2], 3), [0, 1, 2]);
+        assert_eq!(rotated([0u8, 1, 2], 1), [1, 2, 0]);
+    }
+
+    #[test]
+    fn costs_are_paired_by_round() {
+        let timing = |cpu_s| RequestTiming {
+            requests: 1000,
+            wall_s: 1.0,
+            cpu_s,
+        };
+        // Mode 0 is the untraced one.
+        let timings = [
+            (0u8, 0, timing(1.0)),
+            (1, 0, timing(1.1)),
+            (0, 1, timing(2.0)),
+            (1, 1, timing(2.0)),
+            (2, 1, timing(3.0)),
+            (2, 2, timing(9.0)), // no untraced run in round 2: not paired
+        ];
+        let costs = paired_costs(&timings, 1, 0);
+        assert!(
+            (costs[0] - 0.1).abs() < 1e-9 && costs[1].abs() < 1e-9,
+            "{costs:?}"
+        );
+        assert_eq!(paired_costs(&timings, 2, 0), vec![0.5]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod bench_mapped;
 mod bench_pages;
 mod bench_python;
 mod bench_quiet;
+mod bench_self_timed;
 mod bench_tiers;
 mod ebpf_build;
 mod soak;
