@@ -75,11 +75,11 @@ impl CodeReader {
 
     fn read_code(&mut self, code: u64) -> Option<CodeInfo> {
         let l = self.layout;
-        let filename = self.read_ptr(code + l.code_filename as u64)?;
-        let qualname = self.read_ptr(code + l.code_qualname as u64)?;
-        let linetable = self.read_ptr(code + l.code_linetable as u64)?;
-        let firstlineno = self.read_u32(code + l.code_firstlineno as u64)?;
-        let firsttraceable = self.read_u32(code + l.code_firsttraceable as u64)? as i32;
+        let filename = self.read_ptr(code.wrapping_add(l.code_filename as u64))?;
+        let qualname = self.read_ptr(code.wrapping_add(l.code_qualname as u64))?;
+        let linetable = self.read_ptr(code.wrapping_add(l.code_linetable as u64))?;
+        let firstlineno = self.read_u32(code.wrapping_add(l.code_firstlineno as u64))?;
+        let firsttraceable = self.read_u32(code.wrapping_add(l.code_firsttraceable as u64))? as i32;
         Some(CodeInfo {
             qualname: self.read_str(qualname)?,
             filename: self.read_str(filename)?,
@@ -98,8 +98,8 @@ impl CodeReader {
             return;
         };
         let expected = cached.identity;
-        let linetable = self.read_ptr(code + u64::from(self.layout.code_linetable));
-        let qualname = self.read_ptr(code + u64::from(self.layout.code_qualname));
+        let linetable = self.read_ptr(code.wrapping_add(u64::from(self.layout.code_linetable)));
+        let qualname = self.read_ptr(code.wrapping_add(u64::from(self.layout.code_qualname)));
         if let (Some(linetable), Some(qualname)) = (linetable, qualname)
             && (linetable, qualname) != expected
         {
@@ -131,20 +131,23 @@ impl CodeReader {
     /// A `str` object: compact ASCII is UTF-8 already; other compact strings are Latin-1,
     /// UCS-2 or UCS-4 by their `kind`.
     fn read_str(&mut self, object: u64) -> Option<String> {
-        let length = self.read_ptr(object + 16)?.min(MAX_STRING_CHARS);
-        let state = self.read_u32(object + 32)?;
+        let length = self
+            .read_ptr(object.wrapping_add(16))?
+            .min(MAX_STRING_CHARS);
+        let state = self.read_u32(object.wrapping_add(32))?;
         let kind = (state >> 2) & 7;
         let compact = state & (1 << 5) != 0;
         let ascii = state & (1 << 6) != 0;
         if !compact || !matches!(kind, 1 | 2 | 4) {
             return None;
         }
-        let data = object
-            + u64::from(if ascii {
-                self.layout.ascii_data
-            } else {
-                self.layout.compact_data
-            });
+        // `object` comes from the target's memory (a stale frame may name freed memory):
+        // arithmetic on it wraps, and the read fails, rather than overflow.
+        let data = object.wrapping_add(u64::from(if ascii {
+            self.layout.ascii_data
+        } else {
+            self.layout.compact_data
+        }));
         let bytes = self.read(data, (length * u64::from(kind)) as usize)?;
         Some(match kind {
             1 => bytes.iter().map(|b| char::from(*b)).collect(),
@@ -167,11 +170,11 @@ impl CodeReader {
 
     /// A `bytes` object's contents (`ob_size` at +16, data at +32).
     fn read_bytes_object(&mut self, object: u64) -> Option<Vec<u8>> {
-        let size = self.read_ptr(object + 16)?;
+        let size = self.read_ptr(object.wrapping_add(16))?;
         if size > MAX_LINETABLE_BYTES {
             return None;
         }
-        self.read(object + 32, size as usize)
+        self.read(object.wrapping_add(32), size as usize)
     }
 }
 
@@ -195,12 +198,12 @@ pub fn line_of(linetable: &[u8], firstlineno: u32, lasti: i64) -> Option<u32> {
         match code {
             15 => has_line = false,
             14 => {
-                line += svarint(&mut bytes)?;
+                line = line.checked_add(svarint(&mut bytes)?)?;
                 for _ in 0..3 {
                     varint(&mut bytes)?;
                 }
             }
-            13 => line += svarint(&mut bytes)?,
+            13 => line = line.checked_add(svarint(&mut bytes)?)?,
             10..=12 => {
                 line += i64::from(code - 10);
                 bytes.next()?;
@@ -308,6 +311,34 @@ mod tests {
         words[2] = data.len() as u64;
         bytemuck_words(&mut words)[32..32 + data.len()].copy_from_slice(data);
         words
+    }
+
+    /// A frame may name freed memory, whose words are anything: pointers near the top of
+    /// the address space must fail to read, not overflow.
+    #[test]
+    fn garbage_pointers_read_as_nothing() {
+        let layout = super::super::layout::for_version(3, 11, None).unwrap();
+        let mut code = vec![u64::MAX - 8; 32];
+        code[layout.code_firstlineno as usize / 8] = 10;
+        let mut reader = CodeReader::new(std::process::id(), layout, [0, 0]);
+        reader.learn(code.as_ptr() as u64);
+        assert!(reader.get(code.as_ptr() as u64).is_none());
+        reader.learn(u64::MAX - 4);
+        assert!(reader.get(u64::MAX - 4).is_none());
+        // A line table whose deltas overflow a line number.
+        let huge = [
+            0x80 | (13 << 3),
+            0x3f | 0x40,
+            0x7f,
+            0x7f,
+            0x7f,
+            0x7f,
+            0x7f,
+            0x7f,
+            0x7f,
+            0x3f,
+        ];
+        let _ = line_of(&huge, u32::MAX, 0);
     }
 
     /// Reads fake code objects from this very process, and notices when the object at a
