@@ -18,7 +18,7 @@ use crate::{
     cgroup::{self, Hierarchy, Patterns},
     cli::{AgentArgs, ProbeMode},
     detect::{Assessment, DetectorConfig, Point, Series},
-    escalate::{Change, Escalation},
+    escalate::{Candidate, Escalation},
     k8s,
     lifecycle::Lifecycle,
     metrics::{ContainerLabels, Metrics},
@@ -536,59 +536,19 @@ impl Agent {
                 .collect(),
             None => HashSet::new(),
         };
-        let containers = watch.container_ids();
-        for &id in &containers {
-            let Some(labels) = watch.labels(id).cloned() else {
-                continue;
-            };
-            let growing = watch.growing(id);
-            match self
-                .escalation
-                .update(id, now, growing || requested.contains(&id))
-            {
-                Some(Change::Started) => {
-                    log::info!(
-                        "{}: {}; allocator probes on for {:?}",
-                        labels.container,
-                        if growing {
-                            "memory grows"
-                        } else {
-                            "its pod asks for probes (memtrace.io/escalate)"
-                        },
-                        self.args.escalate_for
-                    );
-                    self.metrics
-                        .escalations
-                        .with_label_values(&labels.values())
-                        .inc();
-                    self.metrics
-                        .escalated
-                        .with_label_values(&labels.values())
-                        .set(1);
-                }
-                Some(Change::Ended) => {
-                    log::info!(
-                        "{}: escalation window over; allocator probes off",
-                        labels.container
-                    );
-                    self.metrics
-                        .escalated
-                        .with_label_values(&labels.values())
-                        .set(0);
-                }
-                None => {
-                    self.metrics
-                        .escalated
-                        .with_label_values(&labels.values())
-                        .set(i64::from(self.escalation.is_escalated(id)));
-                }
-            }
-        }
-        self.frozen = containers
-            .iter()
-            .copied()
-            .filter(|id| !self.escalation.is_escalated(*id))
+        let candidates: Vec<Candidate> = watch
+            .container_ids()
+            .into_iter()
+            .filter_map(|id| {
+                Some(Candidate {
+                    id,
+                    labels: watch.labels(id)?,
+                    growing: watch.growing(id),
+                    requested: requested.contains(&id),
+                })
+            })
             .collect();
+        self.frozen = self.escalation.advance(candidates, now, &self.metrics);
         wanted
             .into_iter()
             .filter(|(pid, _)| {

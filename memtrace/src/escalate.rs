@@ -5,9 +5,11 @@
 //! a longer pause (back-off), so a container that grows for a reason the exact tier does
 //! not explain does not pay for probes all the time.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
+
+use crate::metrics::{ContainerLabels, Metrics};
 
 /// The longest pause between two windows, in windows (2^6).
 const MAX_BACKOFF_SHIFT: u32 = 6;
@@ -25,6 +27,16 @@ enum State {
 pub enum Change {
     Started,
     Ended,
+}
+
+/// A watched container, as escalation judges it at one interval.
+pub struct Candidate<'a> {
+    pub id: u64,
+    pub labels: &'a ContainerLabels,
+    /// Its memory grows the way a leak does (the always-on tier says so).
+    pub growing: bool,
+    /// Its pod asks for the probes (`memtrace.io/escalate: "true"`).
+    pub requested: bool,
 }
 
 pub struct Escalation {
@@ -68,6 +80,50 @@ impl Escalation {
             }
             _ => None,
         }
+    }
+
+    /// Moves every watched container along its schedule at `now`, says each change in one
+    /// line, and publishes `memtrace_escalated` and `memtrace_escalations_total`. Returns
+    /// the containers watched but not escalated: their stacks keep what was learned.
+    pub fn advance<'a>(
+        &mut self,
+        candidates: impl IntoIterator<Item = Candidate<'a>>,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> HashSet<u64> {
+        let mut frozen = HashSet::new();
+        for c in candidates {
+            let values = c.labels.values();
+            match self.update(c.id, now, c.growing || c.requested) {
+                Some(Change::Started) => {
+                    log::info!(
+                        "{}: {}; allocator probes on for {:?}",
+                        c.labels.container,
+                        if c.growing {
+                            "memory grows"
+                        } else {
+                            "its pod asks for probes (memtrace.io/escalate)"
+                        },
+                        self.window
+                    );
+                    metrics.escalations.with_label_values(&values).inc();
+                }
+                Some(Change::Ended) => log::info!(
+                    "{}: escalation window over; allocator probes off",
+                    c.labels.container
+                ),
+                None => {}
+            }
+            let escalated = self.is_escalated(c.id);
+            metrics
+                .escalated
+                .with_label_values(&values)
+                .set(i64::from(escalated));
+            if !escalated {
+                frozen.insert(c.id);
+            }
+        }
+        frozen
     }
 
     pub fn is_escalated(&self, id: u64) -> bool {
