@@ -8,19 +8,15 @@
 //! pprof and flame graphs take them unchanged: a stack's "allocated" and "outstanding"
 //! bytes are the bytes of the pages it populated (growth only: a page given back is not
 //! attributable to the stack that touched it).
-use std::collections::HashMap;
-
 use anyhow::{Context, Result};
 use aya::{
     Btf,
     maps::{HashMap as BpfHashMap, MapData},
     programs::BtfTracePoint,
 };
-use memtrace_common::{
-    COUNT_SCALE, FaultGrowth, ProcessKey, ProcessTotals, Usage, UsageKey, maps, programs,
-};
+use memtrace_common::{COUNT_SCALE, FaultGrowth, Usage, UsageKey, maps, programs};
 
-use crate::tracer::{Snapshot, StackUsage, Tracer};
+use crate::tracer::{Snapshot, Tracer, remove_keys};
 
 impl Tracer {
     /// Loads and attaches the page-fault program, once. Fails with one line when the
@@ -89,14 +85,7 @@ impl Tracer {
         }
         let mut faults: BpfHashMap<&mut MapData, UsageKey, FaultGrowth> =
             BpfHashMap::try_from(self.map_mut(maps::FAULTS)?)?;
-        let doomed: Vec<UsageKey> = faults
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| tgids.contains(&k.tgid))
-            .collect();
-        for key in doomed {
-            let _ = faults.remove(&key);
-        }
+        remove_keys(&mut faults, |k| tgids.contains(&k.tgid));
         Ok(())
     }
 
@@ -112,34 +101,11 @@ impl Tracer {
                 entries.push((key, growth));
             }
         }
-        let mut snapshot = Snapshot {
-            counters: self.counters()?,
-            ..Snapshot::default()
-        };
-        let mut totals: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
-        for (key, growth) in entries {
-            let usage = as_usage(&growth);
-            let process = totals
-                .entry(ProcessKey {
-                    cgroup_id: key.cgroup_id,
-                    tgid: key.tgid,
-                    _pad: 0,
-                })
-                .or_default();
-            process.allocated_bytes += growth.bytes;
-            process.allocations += growth.faults;
-            process.outstanding_bytes += growth.bytes as i64;
-            process.outstanding_count += growth.faults as i64;
-            snapshot.stacks.push(StackUsage {
-                key,
-                usage,
-                frames: self.frames(key.stack_id)?,
-                // The Python frames that ran, for a process with Python frames configured.
-                python: self.python_frames(key.stack_id),
-            });
-        }
-        snapshot.totals = totals.into_iter().collect();
-        Ok(snapshot)
+        let entries = entries
+            .into_iter()
+            .map(|(key, growth)| (key, as_usage(&growth)))
+            .collect();
+        self.usage_snapshot(entries)
     }
 }
 

@@ -7,19 +7,15 @@
 //!
 //! Numbers come out as a [`Snapshot`] in the exact tier's terms (a region is a block), so
 //! reports, the detector, pprof and flame graphs take them unchanged.
-use std::collections::HashMap;
-
 use anyhow::{Context, Result};
 use aya::{
     Btf,
     maps::{HashMap as BpfHashMap, MapData},
     programs::BtfTracePoint,
 };
-use memtrace_common::{
-    AllocInfo, AllocKey, COUNT_SCALE, ProcessKey, ProcessTotals, Usage, UsageKey, maps, programs,
-};
+use memtrace_common::{AllocInfo, AllocKey, Usage, UsageKey, maps, programs};
 
-use crate::tracer::{Snapshot, StackUsage, Tracer};
+use crate::tracer::{Snapshot, Tracer, remove_keys};
 
 /// The view's programs and the tracepoints they run on, `munmap`'s first: a region must
 /// never be recorded without its removal running.
@@ -94,24 +90,10 @@ impl Tracer {
     pub fn forget_mapped(&mut self, tgid: u32) -> Result<()> {
         let mut regions: BpfHashMap<&mut MapData, AllocKey, AllocInfo> =
             BpfHashMap::try_from(self.map_mut(maps::MAPPED_REGIONS)?)?;
-        let doomed: Vec<AllocKey> = regions
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for key in doomed {
-            let _ = regions.remove(&key);
-        }
+        remove_keys(&mut regions, |k| k.tgid == tgid);
         let mut usage: BpfHashMap<&mut MapData, UsageKey, Usage> =
             BpfHashMap::try_from(self.map_mut(maps::MAPPED)?)?;
-        let doomed: Vec<UsageKey> = usage
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for key in doomed {
-            let _ = usage.remove(&key);
-        }
+        remove_keys(&mut usage, |k| k.tgid == tgid);
         Ok(())
     }
 
@@ -127,31 +109,7 @@ impl Tracer {
                 entries.push((key, value));
             }
         }
-        let mut snapshot = Snapshot {
-            counters: self.counters()?,
-            ..Snapshot::default()
-        };
-        let mut totals: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
-        for (key, usage) in entries {
-            add_to_totals(
-                totals
-                    .entry(ProcessKey {
-                        cgroup_id: key.cgroup_id,
-                        tgid: key.tgid,
-                        _pad: 0,
-                    })
-                    .or_default(),
-                &usage,
-            );
-            snapshot.stacks.push(StackUsage {
-                key,
-                usage,
-                frames: self.frames(key.stack_id)?,
-                python: self.python_frames(key.stack_id),
-            });
-        }
-        snapshot.totals = totals.into_iter().collect();
-        Ok(snapshot)
+        self.usage_snapshot(entries)
     }
 }
 
@@ -168,18 +126,11 @@ pub fn enable_in_agent(tracer: &mut Tracer, metrics: &crate::metrics::Metrics) {
         .set(i64::from(result.is_ok()));
 }
 
-/// Adds one stack's regions (counts in 1/`COUNT_SCALE`) to its process's totals.
-fn add_to_totals(totals: &mut ProcessTotals, usage: &Usage) {
-    totals.allocated_bytes += usage.allocated_bytes;
-    totals.allocations += usage.allocated_count / COUNT_SCALE;
-    totals.freed_bytes += usage.freed_bytes;
-    totals.outstanding_bytes += usage.outstanding_bytes;
-    totals.outstanding_count += usage.outstanding_count / COUNT_SCALE as i64;
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use memtrace_common::{COUNT_SCALE, ProcessTotals, Usage};
+
+    use crate::tracer::add_to_totals;
 
     #[test]
     fn totals_add_up_the_stacks() {

@@ -884,3 +884,57 @@ pub fn page_size() -> u64 {
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if size > 0 { size as u64 } else { 4096 }
 }
+
+/// Deletes every entry of `map` whose key `doomed` selects (keys listed first: a hash map
+/// cannot be changed while it is walked).
+pub(crate) fn remove_keys<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<&mut MapData, K, V>,
+    doomed: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| doomed(k))
+        .collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+}
+
+/// Adds one stack's usage (counts in 1/`COUNT_SCALE`) to its process's totals.
+pub(crate) fn add_to_totals(totals: &mut ProcessTotals, usage: &Usage) {
+    totals.allocated_bytes += usage.allocated_bytes;
+    totals.allocations += usage.allocated_count / memtrace_common::COUNT_SCALE;
+    totals.freed_bytes += usage.freed_bytes;
+    totals.outstanding_bytes += usage.outstanding_bytes;
+    totals.outstanding_count += usage.outstanding_count / memtrace_common::COUNT_SCALE as i64;
+}
+
+impl Tracer {
+    /// A [`Snapshot`] of per-stack `entries` (the always-on tier's views): each stack with
+    /// its frames, and per-process totals summed from them.
+    pub(crate) fn usage_snapshot(&mut self, entries: Vec<(UsageKey, Usage)>) -> Result<Snapshot> {
+        let mut snapshot = Snapshot {
+            counters: self.counters()?,
+            ..Snapshot::default()
+        };
+        let mut totals: HashMap<ProcessKey, ProcessTotals> = HashMap::new();
+        for (key, usage) in entries {
+            let process = ProcessKey {
+                cgroup_id: key.cgroup_id,
+                tgid: key.tgid,
+                _pad: 0,
+            };
+            add_to_totals(totals.entry(process).or_default(), &usage);
+            snapshot.stacks.push(StackUsage {
+                key,
+                usage,
+                frames: self.frames(key.stack_id)?,
+                // The Python frames that ran, for a process with Python frames configured.
+                python: self.python_frames(key.stack_id),
+            });
+        }
+        snapshot.totals = totals.into_iter().collect();
+        Ok(snapshot)
+    }
+}
