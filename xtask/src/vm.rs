@@ -598,18 +598,7 @@ fn verifier_verdict(check: Option<&Section>, report: Option<&serde_json::Value>)
         ));
     };
     let programs = report["programs"].as_array().cloned().unwrap_or_default();
-    let failed: Vec<String> = programs
-        .iter()
-        .filter(|p| !is_optional(p["name"].as_str().unwrap_or("")))
-        .filter(|p| p["loaded"].as_bool() != Some(true))
-        .map(|p| {
-            format!(
-                "{}: {}",
-                p["name"].as_str().unwrap_or("?"),
-                last_lines(p["error"].as_str().unwrap_or(""), 3)
-            )
-        })
-        .collect();
+    let failed = refused(&programs, |name| !is_optional(name));
     if programs.is_empty() {
         Verdict::Fail("no program checked".into())
     } else if failed.is_empty() {
@@ -624,9 +613,20 @@ fn optional_verdict(report: Option<&serde_json::Value>, optional: &[&str]) -> Ve
     let Some(programs) = report.and_then(|r| r["programs"].as_array()) else {
         return Verdict::Fail("`memtrace check` gave no program verdicts".into());
     };
-    let refused: Vec<String> = programs
+    let refused = refused(programs, |name| optional.contains(&name));
+    if refused.is_empty() {
+        Verdict::Available
+    } else {
+        Verdict::Unavailable(format!("verifier refused {}", refused.join("; ")))
+    }
+}
+
+/// `name: error` of each program of `memtrace check`'s report that `pick` selects by name
+/// and the verifier refused.
+fn refused(programs: &[serde_json::Value], pick: impl Fn(&str) -> bool) -> Vec<String> {
+    programs
         .iter()
-        .filter(|p| optional.contains(&p["name"].as_str().unwrap_or("")))
+        .filter(|p| pick(p["name"].as_str().unwrap_or("")))
         .filter(|p| p["loaded"].as_bool() != Some(true))
         .map(|p| {
             format!(
@@ -635,12 +635,7 @@ fn optional_verdict(report: Option<&serde_json::Value>, optional: &[&str]) -> Ve
                 last_lines(p["error"].as_str().unwrap_or(""), 3)
             )
         })
-        .collect();
-    if refused.is_empty() {
-        Verdict::Available
-    } else {
-        Verdict::Unavailable(format!("verifier refused {}", refused.join("; ")))
-    }
+        .collect()
 }
 
 fn feature_verdict(report: Option<&serde_json::Value>, name: &str) -> Verdict {
